@@ -1,0 +1,1 @@
+"""The ``wetok`` command; each subcommand lives in its own module here."""

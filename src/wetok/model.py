@@ -1,0 +1,239 @@
+"""WeTok: encoder -> group-wise quantizer -> tokens -> (generative) decoder."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .autoencoder import Decoder, Encoder
+from .config import WeTokConfig
+from .errors import ModelMismatchError
+from .quantizer import GroupQuantizer, QuantizerOutput, indices_to_codes
+
+
+@dataclass
+class Tokens:
+    """Discrete tokens of a batch of images, with what decoding needs.
+
+    ``indices`` is int64 (B, h, w, g): one index in [0, 2^bits_per_group) per position and group (bit j of a
+    group is its channel j, least significant first). ``image_size`` is the (H, W) the encoder saw.
+    ``model_id`` is :meth:`WeTokConfig.identity` of the model that made them.
+    """
+
+    indices: Tensor
+    image_size: tuple[int, int]
+    model_id: str
+    groups: int
+    bits_per_group: int
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return int(self.indices.shape[1]), int(self.indices.shape[2])
+
+    def to(self, device: torch.device | str) -> Tokens:
+        return Tokens(self.indices.to(device), self.image_size, self.model_id, self.groups, self.bits_per_group)
+
+
+@dataclass
+class WeTokOutput:
+    """The training forward pass: ``reconstruction`` (B, 3, H, W), not clamped, and the quantizer's output."""
+
+    reconstruction: Tensor
+    quantizer: QuantizerOutput
+
+
+class WeTok(nn.Module):
+    """A WeTok tokenizer built from a :class:`WeTokConfig`.
+
+    Images are float (B, 3, H, W) in [-1, 1] with H and W multiples of the downsampling factor f
+    (:mod:`wetok.image` pads arbitrary sizes).
+    """
+
+    def __init__(self, config: WeTokConfig) -> None:
+        super().__init__()
+        self.config = config
+        arch = dict(
+            channels=config.channels,
+            ch_mult=config.ch_mult,
+            num_res_blocks=config.num_res_blocks,
+            z_channels=config.z_channels,
+            norm_groups=config.norm_groups,
+        )
+        self.encoder = Encoder(**arch)
+        self.quantizer = GroupQuantizer(
+            groups=config.groups,
+            bits_per_group=config.bits_per_group,
+            temperature=config.temperature,
+            token_weight=config.token_weight,
+            codebook_weight=config.codebook_weight,
+            commitment_weight=config.commitment_weight,
+            entropy_weight=config.entropy_weight,
+            codebook_form=config.codebook_form,
+            token_reduction=config.token_reduction,
+        )
+        self.decoder = Decoder(**arch, generative=config.generative_decoder)
+
+    # ----------------------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> WeTok:
+        """A randomly initialised model with a registered configuration (see :func:`wetok.list_presets`)."""
+        from .presets import get_config
+
+        return cls(get_config(name, **overrides))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> WeTok:
+        """Load ``config.json`` + ``model.safetensors`` from a local directory or a Hugging Face Hub repo id."""
+        from .checkpoints import load_pretrained
+
+        return load_pretrained(name_or_path, **kwargs)
+
+    @classmethod
+    def from_official(cls, ckpt: str | Path, config: str | Path | WeTokConfig, **kwargs: Any) -> WeTok:
+        """Load an official Lightning ``.ckpt`` with its YAML config (or a preset name); EMA weights by default."""
+        from .checkpoints import load_official
+
+        return load_official(ckpt, config, **kwargs)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``."""
+        from .checkpoints import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    def to_generative(self) -> WeTok:
+        """A copy with the generative decoder: conv_in zero-extended to take noise (stage-2 initialisation).
+
+        The noise channels' weights are zero, so the copy decodes exactly like this model for any noise.
+        """
+        if self.config.generative_decoder:
+            raise ValueError("the model already has a generative decoder")
+        new = WeTok(self.config.replace(generative_decoder=True)).to(
+            device=self.decoder.conv_in.weight.device, dtype=self.decoder.conv_in.weight.dtype
+        )
+        state = {k: v.clone() for k, v in self.state_dict().items()}
+        weight = state["decoder.conv_in.weight"]
+        state["decoder.conv_in.weight"] = torch.cat([weight, torch.zeros_like(weight)], dim=1)
+        new.load_state_dict(state)
+        new.train(self.training)
+        return new
+
+    # ------------------------------------------------------------------------------------------------ properties
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.downsample_factor
+
+    @property
+    def model_id(self) -> str:
+        return self.config.identity()
+
+    def num_parameters(self) -> dict[str, int]:
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return {"encoder": count(self.encoder), "decoder": count(self.decoder), "total": count(self)}
+
+    # ----------------------------------------------------------------------------------------------- inference
+    def _check_images(self, images: Tensor) -> None:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        f = self.downsample_factor
+        if images.shape[-2] % f or images.shape[-1] % f:
+            raise ValueError(
+                f"image size {tuple(images.shape[-2:])} is not a multiple of the downsampling factor {f}; "
+                "pad with wetok.image.pad_to_multiple"
+            )
+
+    def encode_latent(self, images: Tensor) -> Tensor:
+        """Continuous encoder output (B, z_channels, H/f, W/f), before quantization."""
+        self._check_images(images)
+        return self.encoder(images)
+
+    def encode(self, images: Tensor) -> Tokens:
+        """Images (B, 3, H, W) in [-1, 1] -> :class:`Tokens`."""
+        latent = self.encode_latent(images)
+        indices = self.quantizer(latent).indices
+        return Tokens(
+            indices=indices,
+            image_size=(int(images.shape[-2]), int(images.shape[-1])),
+            model_id=self.model_id,
+            groups=self.config.groups,
+            bits_per_group=self.config.bits_per_group,
+        )
+
+    def make_noise(self, codes: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Standard Gaussian noise shaped like the quantized latent, drawn from ``generator`` if given."""
+        device = generator.device if generator is not None else codes.device
+        noise = torch.randn(codes.shape, generator=generator, device=device, dtype=torch.float32)
+        return noise.to(device=codes.device, dtype=codes.dtype)
+
+    def decode_codes(
+        self,
+        codes: Tensor,
+        *,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        noise_scale: float = 1.0,
+    ) -> Tensor:
+        """Quantized latent (B, d, h, w) of +1/-1 -> images (B, 3, h*f, w*f), not clamped."""
+        if not self.config.generative_decoder:
+            if noise is not None:
+                raise ValueError("this model has a deterministic decoder; it takes no noise")
+            return self.decoder(codes)
+        if noise is None:
+            noise = self.make_noise(codes, generator)
+        return self.decoder(codes, noise * noise_scale)
+
+    def decode(
+        self,
+        tokens: Tokens | Tensor,
+        *,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        noise_scale: float = 1.0,
+    ) -> Tensor:
+        """Tokens, or indices (B, h, w, g), -> images (B, 3, H, W), not clamped.
+
+        With the generative decoder the noise is ``noise`` if given (shape (B, d, h, w)), else drawn from
+        ``generator`` (a fixed seed reproduces the output); it is multiplied by ``noise_scale``, so
+        ``noise_scale=0`` decodes deterministically.
+        """
+        if isinstance(tokens, Tokens):
+            if tokens.model_id != self.model_id:
+                raise ModelMismatchError(
+                    f"tokens were made by model {tokens.model_id}, this model is {self.model_id}"
+                )
+            indices = tokens.indices
+        else:
+            indices = tokens
+        if indices.dim() != 4 or indices.shape[-1] != self.config.groups:
+            raise ValueError(f"expected indices (B, h, w, {self.config.groups}), got {tuple(indices.shape)}")
+        dtype = self.decoder.conv_in.weight.dtype
+        codes = indices_to_codes(indices.to(self.decoder.conv_in.weight.device), self.config.bits_per_group, dtype)
+        return self.decode_codes(codes, noise=noise, generator=generator, noise_scale=noise_scale)
+
+    def reconstruct(
+        self,
+        images: Tensor,
+        *,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        noise_scale: float = 1.0,
+    ) -> Tensor:
+        """Encode, quantize and decode (B, 3, H, W) images; the result is not clamped."""
+        latent = self.encode_latent(images)
+        codes = self.quantizer(latent).quantized
+        return self.decode_codes(codes, noise=noise, generator=generator, noise_scale=noise_scale)
+
+    def forward(self, images: Tensor, *, generator: torch.Generator | None = None) -> WeTokOutput:
+        """Training forward pass: reconstruction plus the quantizer's loss terms."""
+        latent = self.encode_latent(images)
+        q = self.quantizer(latent)
+        reconstruction = self.decode_codes(q.quantized, generator=generator)
+        return WeTokOutput(reconstruction=reconstruction, quantizer=q)
+
+    def copy(self) -> WeTok:
+        return copy.deepcopy(self)
