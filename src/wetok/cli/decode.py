@@ -1,0 +1,47 @@
+"""``wetok decode``: token files -> images."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import common
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "decode",
+        help="decode token files to images",
+        description="Decode token files (.json or .wtok; files, folders, glob patterns) to images at their "
+        "original size. The files must come from a model with the same architecture as --model; JSON files "
+        "written by the public fork's generate_wetok.py are read with --model's geometry.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="TOKENS", help="token files, folders or glob patterns")
+    p.add_argument("-o", "--output", required=True,
+                   help="output image (one input, e.g. out.png) or folder (<name>.png inside)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the generative decoder's noise (default 0; ignored by deterministic decoders)")
+    common.add_model_options(p)
+    common.add_run_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..tokens import load_tokens
+
+    items, errors = common.expand_inputs(args.inputs, "tokens")
+    out = Path(args.output)
+    model, _ = common.load_model_from_args(args)
+
+    def work(item: common.Item) -> None:
+        record = load_tokens(item.path, model.config)
+        batch = record.indices.shape[0]
+        targets = []
+        for i in range(batch):
+            name = item if batch == 1 else common.Item(item.path, f"{item.name}_{i}")
+            targets.append(common.output_path(out, name, len(items) * batch, ".png", common.IMAGE_OUTPUT_SUFFIXES))
+        pixels = common.decode_indices(model, record.indices, args.tile, args.seed)
+        for i, target in enumerate(targets):
+            common.save_image(common.finish_image(pixels[i : i + 1], record.padding, record.original_size), target)
+
+    return common.run_batch(args, items, errors, work, unit="file")

@@ -1,0 +1,88 @@
+"""``wetok inspect``: draw a token file's token map, one panel per group, and print its statistics."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ..errors import InputError
+from . import common
+
+if TYPE_CHECKING:
+    from ..tokens import TokenFile
+
+MIN_PANEL = 256  # small token maps are upscaled (nearest) to at least this many pixels on their long side
+GAP, LABEL = 6, 16  # pixels between panels, height of the label strip
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "inspect",
+        help="draw the token map of a token file (one panel per group)",
+        description="Draw a token file's map: each group's indices coloured on a black-purple-orange-yellow scale (dark = 0, "
+        "bright = 2^bits - 1), panels side by side (one row per image of the batch), small maps upscaled with "
+        "nearest neighbour. Prints the shape and, per group, the number of distinct indices and their entropy.",
+    )
+    p.add_argument("tokens", metavar="TOKENS", help="a .json or .wtok token file")
+    p.add_argument("-o", "--output", required=True, help="output image, e.g. map.png")
+    common.add_model_options(p)
+    common.add_run_options(p, tile=False)
+    p.set_defaults(func=run)
+
+
+def token_map(record: TokenFile) -> Image.Image:
+    """The picture: rows = images of the batch, columns = groups."""
+    b, h, w, g = record.indices.shape
+    scale = max(1, math.ceil(MIN_PANEL / max(h, w)))
+    ph, pw = h * scale, w * scale
+    canvas = Image.new("RGB", (g * pw + (g - 1) * GAP, b * (ph + LABEL) + (b - 1) * GAP), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    top = 2**record.bits_per_group - 1
+    values = record.indices.numpy() / max(top, 1)
+    for i in range(b):
+        y = i * (ph + LABEL + GAP)
+        for k in range(g):
+            x = k * (pw + GAP)
+            panel = Image.fromarray(common.colorize(values[i, :, :, k])).resize((pw, ph), Image.Resampling.NEAREST)
+            canvas.paste(panel, (x, y + LABEL))
+            draw.text((x + 2, y + 2), f"group {k}" + (f", image {i}" if b > 1 else ""), fill=(0, 0, 0))
+    return canvas
+
+
+def group_stats(record: TokenFile) -> list[tuple[int, float]]:
+    """Per group: number of distinct indices and the empirical entropy of their histogram in bits."""
+    stats = []
+    for k in range(record.groups):
+        _, counts = np.unique(record.indices[..., k].numpy(), return_counts=True)
+        p = counts / counts.sum()
+        stats.append((len(counts), float(-(p * np.log2(p)).sum())))
+    return stats
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..tokens import load_tokens
+
+    path = Path(args.tokens)
+    try:
+        record = load_tokens(path)
+    except InputError as err:
+        if "needs a model" not in str(err):
+            raise
+        record = load_tokens(path, common.config_from_args(args))  # the fork's JSON: geometry from --model
+    out = Path(args.output)
+    common.save_image(token_map(record), out)
+    if not args.quiet:
+        b, h, w, g = record.indices.shape
+        print(f"{path}: {b} image(s), {h}x{w} tokens x {g} groups of {record.bits_per_group} bits, "
+              f"image {record.image_size[0]}x{record.image_size[1]}, model {record.model_id or 'unrecorded'}",
+              file=sys.stdout)
+        for k, (used, entropy) in enumerate(group_stats(record)):
+            print(f"  group {k}: {used} distinct of {2**record.bits_per_group}, entropy {entropy:.3f} bits")
+        print(f"wrote {out}")
+    return 0
