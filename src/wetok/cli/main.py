@@ -12,6 +12,11 @@ from ..errors import WetokError
 
 #: Modules in wetok.cli that each expose ``register(subparsers)``; their parsers set ``func=run``.
 COMMAND_MODULES: tuple[str, ...] = (
+    "encode",
+    "decode",
+    "reconstruct",
+    "info",
+    "inspect",
     "convert",
 )
 
