@@ -71,7 +71,7 @@ def resolve_weights(
         return path
     hint = f"download {url} and put it at {path}"
     if env:
-        hint += f" (or pass its path, e.g. with the environment variable {env})"
+        hint += f" (or pass the path of a copy: --inception-weights PATH or the environment variable {env})"
     if _offline():
         raise InputError(path, f"{what} weights are missing and downloads are off ({OFFLINE_ENV}); {hint}")
     try:

@@ -18,6 +18,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "info",
     "inspect",
     "convert",
+    "eval",
+    "train",
+    "export",
 )
 
 

@@ -1,0 +1,184 @@
+"""``wetok eval``: reconstruction metrics of a model on a folder of images (spec §6 protocols)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed
+
+from ..errors import InputError
+from . import common
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="measure PSNR, SSIM, LPIPS, rFID and codebook usage on a folder of images",
+        description="Encode and decode every image of DATA (any folder, ImageNet val/<wnid>/*.JPEG, COCO val2017) "
+        "and report reconstruction metrics: a JSON report (--out) and a Markdown table on stdout. Means are "
+        "sums over images divided by their count, so batch size and process count (torchrun) do not change them.",
+    )
+    p.add_argument("data", metavar="DATA", help="image folder (searched recursively) or one image")
+    p.add_argument("--out", required=True, help="JSON report path (written atomically)")
+    p.add_argument(
+        "--protocol",
+        choices=("crop256", "original"),
+        default="crop256",
+        help="crop256: short side to 256 + center crop (the paper's tables); original: full size, padded "
+        "to a multiple of the model's f and cropped back (default crop256)",
+    )
+    p.add_argument(
+        "--metrics",
+        default="psnr,ssim,lpips,fid,usage",
+        help="comma-separated: psnr, ssim, lpips (= lpips_alex + lpips_vgg), lpips_alex, lpips_vgg, fid, "
+        "usage (default: all)",
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch (crop256; original uses 1)")
+    p.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="only the first N images (sorted order)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the generative decoder's noise (default 0)")
+    p.add_argument(
+        "--official-compat",
+        action="store_true",
+        help="truncate to uint8 for PSNR/SSIM as the official code does (default: round)",
+    )
+    p.add_argument(
+        "--pad-mode",
+        choices=("replicate", "reflect", "constant"),
+        default="replicate",
+        help="padding of the original protocol (constant = the official zero, mid-grey)",
+    )
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument(
+        "--inception-weights",
+        default=None,
+        metavar="PATH",
+        help="local pt_inception-2015-12-05-6726825d.pth (default: $WETOK_INCEPTION_WEIGHTS or the "
+        "torch hub cache, downloaded if missing)",
+    )
+    p.add_argument(
+        "--save-stats", default=None, metavar="NPZ", help="write the originals' Inception mu/sigma/n"
+    )
+    p.add_argument(
+        "--ref-stats",
+        default=None,
+        metavar="NPZ",
+        help="also report fid_ref: reconstructions vs these statistics (ours or pytorch-fid's .npz)",
+    )
+    common.add_model_options(p)
+    common.add_run_options(p, tile=False)
+    p.set_defaults(func=run)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The report's headline numbers as a two-column Markdown table."""
+    m, s = report["metrics"], report["settings"]
+    rows = [("images", m["n_images"]), ("bad files", report["data"]["n_bad"]), ("protocol", s["protocol"])]
+    labels = [
+        ("psnr", "PSNR (dB)"),
+        ("ssim", "SSIM"),
+        ("lpips_alex", "LPIPS alex"),
+        ("lpips_vgg", "LPIPS vgg"),
+        ("rfid", "rFID"),
+        ("fid_ref", "FID vs ref stats"),
+        ("bits_per_pixel", "bits per pixel"),
+        ("compression_ratio", "compression ratio"),
+    ]
+    rows += [(label, m[key]) for key, label in labels if key in m]
+    if "psnr_inf" in m and m["psnr_inf"]:
+        rows.append(("identical images (PSNR inf, not averaged)", m["psnr_inf"]))
+    if "usage" in m:
+        u = m["usage"]
+        rows.append(("codebook usage, pooled over groups", f"{u['pooled']['utilization']:.4f}"))
+        rows.append(
+            ("codebook perplexity, pooled", f"{u['pooled']['perplexity']:.2f} of {u['codebook_size']}")
+        )
+        rows.append(("usage per group", ", ".join(f"{g['utilization']:.3f}" for g in u["per_group"])))
+        rows.append(("bits that never flip", ", ".join(u["stuck_bits"]) or "none"))
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {_fmt(value)} |" for name, value in rows]
+    return "\n".join(lines)
+
+
+def write_json_atomic(report: dict[str, Any], path: Path) -> None:
+    """Write through a temporary file in the same folder, renamed into place (no half-written report)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(report, fh, indent=2, allow_nan=True)
+            fh.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluate import evaluate
+    from ..metrics import parse_metrics
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise InputError(out, "is a folder; --out names the JSON report file")
+    if args.batch_size < 1:
+        raise InputError("--batch-size", f"must be at least 1, got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        raise InputError("--limit", f"must be at least 1, got {args.limit}")
+    names = parse_metrics(args.metrics)
+    if (args.save_stats or args.ref_stats) and "fid" not in names:
+        raise InputError("--save-stats/--ref-stats", "need the fid metric in --metrics")
+    distributed = _init_distributed(args)
+    model, spec = common.load_model_from_args(args)
+    report = evaluate(
+        model,
+        args.data,
+        protocol=args.protocol,
+        metrics=names,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        seed=args.seed,
+        device=model.decoder.conv_in.weight.device,
+        num_workers=args.num_workers,
+        official_compat=args.official_compat,
+        pad_mode=args.pad_mode,
+        inception_weights=args.inception_weights,
+        ref_stats=args.ref_stats,
+        save_stats=args.save_stats,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    report["model"]["spec"] = spec
+    if not distributed or torch.distributed.get_rank() == 0:
+        write_json_atomic(report, out)
+        if not args.quiet:
+            print(markdown_table(report))
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _init_distributed(args: argparse.Namespace) -> bool:
+    """Under torchrun (WORLD_SIZE > 1): join the process group; each rank takes GPU LOCAL_RANK if there are GPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return torch.distributed.is_initialized()
+    if torch.cuda.is_available() and args.device in (None, "cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
