@@ -87,14 +87,17 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the batches of all processes (any backend, CPU included).
 
     Hand-written because ``torch.nn.SyncBatchNorm`` refuses CPU tensors (gloo); with one process it equals
-    ``nn.BatchNorm2d``. Gradients flow through the all-reduce (``torch.distributed.nn.functional.all_reduce``),
+    ``nn.BatchNorm2d``. Gradients flow through the all-reduce (the autograd all-reduce of :mod:`wetok.entropy`),
     so training with N processes matches one process that sees the concatenated batch.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and _distributed()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
+        from .entropy import _AllReduceSum  # sum over processes, gradient summed too (not deprecated API)
+
+        def all_reduce(t: Tensor) -> Tensor:
+            return _AllReduceSum.apply(t, None)
 
         count = torch.tensor([x.shape[0] * x.shape[2] * x.shape[3]], dtype=x.dtype, device=x.device)
         total = all_reduce(torch.cat([x.sum(dim=(0, 2, 3)), count]))

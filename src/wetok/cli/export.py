@@ -1,0 +1,59 @@
+"""``wetok export CHECKPOINT -o DIR``: the EMA weights of a training checkpoint in the native format."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import InputError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write the EMA weights of a training checkpoint as a native model folder",
+        description="Write config.json + model.safetensors (the EMA weights, or --raw for the live weights) of a "
+        "`wetok train` checkpoint into DIR, loadable with WeTok.from_pretrained / --model DIR.",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoints/step-*.pt file, or a run folder (its last)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output model folder")
+    p.add_argument("--raw", action="store_true", help="export the live (non-EMA) weights")
+    p.set_defaults(func=run)
+
+
+def export(checkpoint: str | Path, output: str | Path, *, ema: bool = True) -> Path:
+    """Write the model of a training checkpoint (or of a run folder's last checkpoint) to ``output``."""
+    from ..train.module import load_training_checkpoint, model_from_checkpoint
+    from ..train.run import latest_checkpoint
+
+    checkpoint, output = Path(checkpoint), Path(output)
+    if checkpoint.is_dir():
+        last = latest_checkpoint(checkpoint)
+        if last is None:
+            raise InputError(checkpoint, "holds no checkpoints/step-*.pt")
+        checkpoint = last
+    model = model_from_checkpoint(load_training_checkpoint(checkpoint), ema=ema, source=checkpoint)
+    if output.exists() and not output.is_dir():
+        raise InputError(output, "exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()):
+        model.save_pretrained(output)  # each file is written to a temporary name, then renamed
+        return output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        model.save_pretrained(tmp)
+        if output.is_dir():
+            output.rmdir()
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def run(args: argparse.Namespace) -> int:
+    out = export(args.checkpoint, args.output, ema=not args.raw)
+    print(f"wrote {out}")
+    return 0

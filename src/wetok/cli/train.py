@@ -1,0 +1,56 @@
+"""``wetok train CONFIG [key=value ...] --output DIR [--resume]``: train a tokenizer (stage 1 or 2)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import InputError
+
+_USAGE = "wetok train CONFIG [KEY=VALUE ...] -o DIR [--resume]"
+
+
+def _options(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("-o", "--output", required=required, metavar="DIR",
+                   help="run folder: checkpoints, logs, image grids, the resolved config")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        usage=_USAGE,
+        help="train a tokenizer from a YAML recipe (stage 1 or stage 2)",
+        description="Train a tokenizer. CONFIG is a YAML recipe (configs/train/*.yaml); KEY=VALUE arguments "
+        "override it (e.g. data.train=/data/imagenet/train optim.lr=2e-4 trainer.max_steps=1000), before or "
+        "after the options. Multi-GPU: set trainer.devices, or launch under torchrun / SLURM.",
+    )
+    p.add_argument("config", metavar="CONFIG", help="YAML training recipe")
+    # argparse cannot mix positionals after options in a subcommand; the rest is parsed in run()
+    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="KEY=VALUE", help="recipe overrides, section.key=value")
+    _options(p, required=False)
+    p.set_defaults(func=run)
+
+
+def _parse_rest(args: argparse.Namespace) -> tuple[list[str], str, bool]:
+    sub = argparse.ArgumentParser(prog="wetok train", usage=_USAGE, add_help=False)
+    sub.add_argument("overrides", nargs="*")
+    _options(sub, required=False)
+    try:
+        rest = sub.parse_intermixed_args(args.rest)
+    except SystemExit as err:  # argparse already printed the problem
+        raise InputError("arguments", "see the message above") from err
+    output = rest.output or args.output
+    if output is None:
+        raise InputError("arguments", "--output DIR is required")
+    return rest.overrides, output, bool(rest.resume or args.resume)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import load_config, train
+
+    overrides, output, resume = _parse_rest(args)
+    cfg = load_config(args.config, overrides)
+    last = train(cfg, output, resume=resume)
+    if last is not None:
+        print(f"last checkpoint: {last}")
+    return 0

@@ -1,0 +1,282 @@
+"""Training recipes: dataclasses, YAML loading and ``section.key=value`` overrides.
+
+A recipe is a YAML file with the sections below (every key optional; defaults are the official stage-1 settings
+of spec §4-5 except the model and data paths). ``load_config("recipe.yaml", ["optim.lr=2e-4"])`` applies the
+overrides after the file; override values are parsed as YAML (``1e-4`` is a float, ``null`` is None,
+``[0.5,0.9]`` a list). Unknown keys are errors that name the file (or ``override``) and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import WeTokConfig
+from ..errors import InputError
+from ..presets import get_config, is_preset
+
+__all__ = [
+    "DataSection",
+    "DiscriminatorSection",
+    "LossSection",
+    "ModelSection",
+    "OptimSection",
+    "TrainConfig",
+    "TrainerSection",
+    "load_config",
+]
+
+
+@dataclass
+class ModelSection:
+    """The tokenizer. ``preset`` names a registered configuration; ``overrides`` changes WeTokConfig fields
+    (e.g. the quantizer's loss weights, ``codebook_form``). ``init``: stage 2 (required) or a warm start for
+    stage 1: a training checkpoint (``.pt``, its EMA weights) or a native model directory."""
+
+    preset: str | None = "small-f8"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None
+
+
+@dataclass
+class LossSection:
+    """Loss weights (spec §4). ``gan_weight: null`` switches on VQGAN's adaptive weight scaled by
+    ``adaptive_scale``; ``gan_start`` is the step at which GAN and discriminator terms start (official 0).
+    The quantizer's entropy / commitment weights are WeTokConfig fields (``model.overrides``)."""
+
+    l1_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    perceptual_net: str = "vgg"
+    perceptual_pretrained: bool = True
+    gan_weight: float | None = 0.1
+    adaptive_scale: float = 0.8
+    gan_start: int = 0
+    lecam_weight: float = 0.05
+    lecam_decay: float = 0.999
+
+
+@dataclass
+class DiscriminatorSection:
+    """PatchGAN discriminator: ``norm`` is batch (official, per-process statistics), sync_batch (global-batch
+    statistics) or none."""
+
+    ndf: int = 64
+    n_layers: int = 3
+    norm: str = "batch"
+
+
+@dataclass
+class OptimSection:
+    """Adam(betas) for generator and discriminator; ``schedule``: constant (official), cosine or linear decay to
+    ``min_lr_ratio * lr`` after ``warmup_steps`` of linear warm-up. ``grad_clip``: max global norm or null."""
+
+    lr: float = 1e-4
+    disc_lr: float | None = None
+    betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = None
+
+
+@dataclass
+class DataSection:
+    """Training / validation data. ``train``: an image folder (recursive: any folder, ImageNet ``train/``, COCO
+    ``train2017/``), a ``.txt`` list of image paths (relative to the list's folder), or WebDataset-style tar
+    shards (``/data/shard-{000000..000999}.tar``, a glob, or a folder of ``.tar`` files).
+    ``batch_size`` is the global batch (all processes, all accumulation steps); ``micro_batch_size`` the batch
+    of one forward pass on one device; the accumulation is batch_size / (micro_batch_size * processes)."""
+
+    train: str | None = None
+    val: str | None = None
+    image_size: int = 256
+    hflip: bool = False
+    batch_size: int = 128
+    micro_batch_size: int = 4
+    num_workers: int = 4
+    val_image_size: int | None = None
+    val_batch_size: int = 16
+    val_max_images: int | None = 1000
+    shuffle_buffer: int = 0
+
+
+@dataclass
+class TrainerSection:
+    """Engine settings. ``precision``: 32, 16-mixed or bf16-mixed. Steps count generator updates. Logging,
+    validation, image grids and checkpoints happen every ``*_every`` steps (0 = never)."""
+
+    stage: int = 1
+    max_steps: int = 100_000
+    precision: str = "32"
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    seed: int = 0
+    ema_decay: float = 0.999
+    log_every: int = 50
+    val_every: int = 2000
+    image_every: int = 2000
+    checkpoint_every: int = 2000
+    keep_checkpoints: int = 3
+    deterministic: bool = False
+    progress_bar: bool = True
+
+
+_SECTIONS = {
+    "model": ModelSection,
+    "loss": LossSection,
+    "discriminator": DiscriminatorSection,
+    "optim": OptimSection,
+    "data": DataSection,
+    "trainer": TrainerSection,
+}
+
+
+@dataclass
+class TrainConfig:
+    """A complete training recipe."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    loss: LossSection = field(default_factory=LossSection)
+    discriminator: DiscriminatorSection = field(default_factory=DiscriminatorSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    data: DataSection = field(default_factory=DataSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["optim"]["betas"] = list(self.optim.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: object = "config") -> TrainConfig:
+        cfg = cls()
+        _merge(cfg, data, source)
+        cfg.validate(source)
+        return cfg
+
+    def model_config(self) -> WeTokConfig:
+        """The WeTokConfig of the model to build (preset + overrides; stage 2 sets the generative decoder)."""
+        if self.model.preset is None:
+            return WeTokConfig(**self.model.overrides)
+        return get_config(self.model.preset, **self.model.overrides)
+
+    def validate(self, source: object = "config") -> None:
+        """Raise :class:`InputError` naming ``source`` for inconsistent settings."""
+
+        def bad(msg: str) -> None:
+            raise InputError(source, msg)
+
+        t, d, o = self.trainer, self.data, self.optim
+        if t.stage not in (1, 2):
+            bad(f"trainer.stage must be 1 or 2, got {t.stage}")
+        if t.stage == 2 and not self.model.init:
+            bad("stage 2 needs model.init: the stage-1 checkpoint (.pt) or model directory")
+        if t.precision not in ("32", "16-mixed", "bf16-mixed"):
+            bad(f"trainer.precision must be 32, 16-mixed or bf16-mixed, got {t.precision!r}")
+        if o.schedule not in ("constant", "cosine", "linear"):
+            bad(f"optim.schedule must be constant, cosine or linear, got {o.schedule!r}")
+        if self.discriminator.norm not in ("batch", "sync_batch", "none"):
+            bad(f"discriminator.norm must be batch, sync_batch or none, got {self.discriminator.norm!r}")
+        if d.batch_size < 1 or d.micro_batch_size < 1 or d.batch_size % d.micro_batch_size:
+            bad(f"data.batch_size ({d.batch_size}) must be a multiple of data.micro_batch_size ({d.micro_batch_size})")
+        if t.max_steps < 1:
+            bad("trainer.max_steps must be >= 1")
+        if self.model.preset is not None and not is_preset(self.model.preset):
+            bad(f"unknown model.preset {self.model.preset!r}")
+        try:
+            self.model_config()
+        except (TypeError, ValueError) as err:
+            bad(f"invalid model settings: {err}")
+
+
+def _coerce(value: Any, current: Any, key: str, source: object) -> Any:
+    """Light type checking of a YAML value against the default it replaces."""
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(value)
+    if isinstance(current, bool) and not isinstance(value, bool):
+        raise InputError(source, f"{key} must be true or false, got {value!r}")
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, float) and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-4" as a string
+        except ValueError:
+            pass
+    return value
+
+
+def _merge(cfg: TrainConfig, data: dict[str, Any], source: object) -> None:
+    if not isinstance(data, dict):
+        raise InputError(source, "a training config must be a mapping of sections")
+    for section, values in data.items():
+        if section not in _SECTIONS:
+            raise InputError(source, f"unknown section {section!r} (known: {', '.join(_SECTIONS)})")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise InputError(source, f"section {section!r} must be a mapping")
+        target = getattr(cfg, section)
+        known = {f.name for f in fields(target)}
+        for key, value in values.items():
+            if key not in known:
+                raise InputError(source, f"unknown key {section}.{key} (known: {', '.join(sorted(known))})")
+            if isinstance(value, str) and value.startswith("~/"):
+                value = str(Path(value).expanduser())
+            if key == "overrides" and isinstance(value, dict):
+                value = {**target.overrides, **value}
+            setattr(target, key, _coerce(value, getattr(target, key), f"{section}.{key}", source))
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["optim.lr=2e-4", "model.overrides.channels=32"]`` -> nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise InputError("override", f"{item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise InputError("override", f"{key!r} must name section.key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise InputError("override", f"cannot parse the value of {key}: {err}") from err
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a recipe (or start from the defaults with ``path=None``) and apply ``key=value`` overrides."""
+    cfg = TrainConfig()
+    source: object = "defaults"
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except OSError as err:
+            raise InputError(path, f"cannot read config: {err.strerror or err}") from err
+        except yaml.YAMLError as err:
+            raise InputError(path, f"invalid YAML: {err}") from err
+        _merge(cfg, data, path)
+        source = path
+    if overrides:
+        _merge(cfg, parse_overrides(overrides), "override")
+    cfg.validate(source)
+    return cfg
+
+
+def replace_section(cfg: TrainConfig, section: str, **changes: Any) -> TrainConfig:
+    """A copy of ``cfg`` with fields of one section changed (handy in tests and scripts)."""
+    new = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})
+    new.validate()
+    return new

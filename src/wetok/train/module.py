@@ -1,0 +1,198 @@
+"""What one training step computes: the stage-1 / stage-2 generator loss, the discriminator loss, and the
+construction of the models for each stage. The engine (:mod:`wetok.train.run`) only orchestrates these."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import WeTokConfig
+from ..errors import InputError
+from ..losses import (
+    LeCamEMA,
+    PatchDiscriminator,
+    PerceptualLoss,
+    adaptive_gan_weight,
+    hinge_d_loss,
+    non_saturating_g_loss,
+)
+from ..model import WeTok, WeTokOutput
+from .config import TrainConfig
+
+__all__ = [
+    "TrainingLoss",
+    "build_discriminator",
+    "build_generator",
+    "load_training_checkpoint",
+    "model_from_checkpoint",
+    "set_stage_mode",
+]
+
+
+class TrainingLoss(nn.Module):
+    """The official WeTok objective (spec §4) for one stage.
+
+    Generator: ``l1_weight * mean|x - x̂| + perceptual_weight * mean LPIPS(x, x̂) + w_gan * g_loss``, plus, in
+    stage 1, the quantizer's own weighted entropy + commitment loss (``out.quantizer.loss``). ``w_gan`` is
+    ``gan_weight`` (0.1), or the adaptive weight when ``gan_weight`` is None. GAN terms are off before
+    ``gan_start``. Discriminator: hinge + ``lecam_weight`` * LeCam with the moving averages of :class:`LeCamEMA`.
+    Every term is returned detached in a dict for logging.
+    """
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.cfg = cfg.loss
+        self.stage = cfg.trainer.stage
+        self.perceptual = (
+            PerceptualLoss(self.cfg.perceptual_net, pretrained_backbone=self.cfg.perceptual_pretrained)
+            if self.cfg.perceptual_weight > 0
+            else None
+        )
+        self.lecam = LeCamEMA(self.cfg.lecam_decay)
+
+    def gan_active(self, step: int) -> bool:
+        return step >= self.cfg.gan_start
+
+    def generator_loss(
+        self,
+        images: Tensor,
+        out: WeTokOutput,
+        discriminator: nn.Module,
+        step: int,
+        last_layer: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total generator loss and its terms. ``discriminator`` must have its parameters frozen by the caller."""
+        rec = out.reconstruction.float()
+        images = images.float()
+        l1 = (images - rec).abs().mean()
+        nll = self.cfg.l1_weight * l1
+        logs: dict[str, Tensor] = {"l1": l1.detach()}
+        if self.perceptual is not None:
+            lp = self.perceptual(images, rec).float().mean()
+            nll = nll + self.cfg.perceptual_weight * lp
+            logs["lpips"] = lp.detach()
+        total = nll
+        q = out.quantizer
+        if self.stage == 1:
+            total = total + q.loss.float()
+            logs["quantizer_loss"] = q.loss.detach().float()
+            for name in ("token_entropy", "codebook_entropy", "commitment"):
+                value = getattr(q, name)
+                if value is not None:
+                    logs[name] = value.detach().float()
+        if self.gan_active(step):
+            g_loss = non_saturating_g_loss(discriminator(rec).float())
+            if self.cfg.gan_weight is None:
+                if last_layer is None:
+                    raise ValueError("the adaptive GAN weight needs the decoder's last layer")
+                weight = adaptive_gan_weight(nll, g_loss, last_layer, scale=self.cfg.adaptive_scale)
+            else:
+                weight = torch.tensor(self.cfg.gan_weight, device=rec.device)
+            total = total + weight * g_loss
+            logs["g_loss"] = g_loss.detach()
+            logs["gan_weight"] = weight.detach().float()
+        logs["g_total"] = total.detach()
+        return total, logs
+
+    def discriminator_loss(
+        self, images: Tensor, reconstruction: Tensor, discriminator: nn.Module
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Hinge + LeCam on real ``images`` and detached reconstructions (two separate D calls, as official)."""
+        logits_real = discriminator(images.detach()).float()
+        logits_fake = discriminator(reconstruction.detach()).float()
+        hinge = hinge_d_loss(logits_real, logits_fake)
+        self.lecam.update(logits_real, logits_fake)
+        lecam = self.lecam.penalty(logits_real, logits_fake)
+        total = hinge + self.cfg.lecam_weight * lecam
+        logs = {
+            "d_hinge": hinge.detach(),
+            "d_lecam": lecam.detach(),
+            "d_total": total.detach(),
+            "logits_real": logits_real.detach().mean(),
+            "logits_fake": logits_fake.detach().mean(),
+        }
+        return total, logs
+
+
+def build_discriminator(cfg: TrainConfig) -> PatchDiscriminator:
+    d = cfg.discriminator
+    return PatchDiscriminator(ndf=d.ndf, n_layers=d.n_layers, norm=d.norm)
+
+
+def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by ``wetok train`` (tensors and plain Python values only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "does not exist" if not path.exists() else "is not a file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or foreign files raise various pickle/zip errors
+        raise InputError(path, f"cannot read training checkpoint: {err}") from err
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt or "ema" not in ckpt:
+        raise InputError(path, "not a wetok training checkpoint (no model_config / ema entries)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], *, ema: bool = True, source: object = "checkpoint") -> WeTok:
+    """The EMA (default) or live generator of a training checkpoint, as a :class:`WeTok` in eval mode."""
+    model = WeTok(WeTokConfig.from_dict(ckpt["model_config"]))
+    if ema:
+        state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items()}
+    else:
+        state = ckpt["generator"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputError(source, f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()
+
+
+def _load_init(path: str) -> WeTok:
+    p = Path(path)
+    if p.is_dir():
+        return WeTok.from_pretrained(p)
+    return model_from_checkpoint(load_training_checkpoint(p), source=p)
+
+
+def build_generator(cfg: TrainConfig) -> WeTok:
+    """The model a fresh run starts from.
+
+    Stage 1: ``model.init`` (warm start) or a random model of the configured architecture. Stage 2: the stage-1
+    model of ``model.init`` (its EMA weights: the released model, whose tokens the stage-2 decoder must decode)
+    converted with :meth:`WeTok.to_generative` (noise channels of conv_in zero, so it decodes exactly like the
+    stage-1 model at initialisation), unless it already has a generative decoder. Quantizer options from
+    ``model.overrides`` are applied to a loaded model.
+    """
+    if cfg.model.init is None:
+        return WeTok(cfg.model_config())
+    model = _load_init(cfg.model.init)
+    training_fields = {k: v for k, v in cfg.model.overrides.items() if k not in _ARCH_FIELDS}
+    arch = {k: v for k, v in cfg.model.overrides.items() if k in _ARCH_FIELDS}
+    if any(getattr(model.config, k) != v for k, v in arch.items()):
+        raise InputError(cfg.model.init, f"model.overrides {arch} disagree with the architecture of this model")
+    if training_fields:
+        model = _with_config(model, model.config.replace(**training_fields))
+    if cfg.trainer.stage == 2 and not model.config.generative_decoder:
+        model = model.to_generative()
+    return model.train()
+
+
+_ARCH_FIELDS = ("channels", "ch_mult", "num_res_blocks", "z_channels", "groups", "bits_per_group", "norm_groups",
+                "generative_decoder")
+
+
+def _with_config(model: WeTok, config: WeTokConfig) -> WeTok:
+    new = WeTok(config)
+    new.load_state_dict(model.state_dict())
+    return new
+
+
+def set_stage_mode(model: WeTok, stage: int, training: bool = True) -> WeTok:
+    """Train mode for what is trained. Stage 2: encoder and quantizer frozen (no grad) and in eval mode."""
+    model.train(training)
+    if stage == 2:
+        model.encoder.requires_grad_(False).eval()
+        model.quantizer.eval()
+    return model
