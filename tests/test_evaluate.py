@@ -241,3 +241,20 @@ def test_cli_errors_are_one_line_and_leave_no_report(tmp_path, monkeypatch, caps
     assert main(["eval", str(VAL), "--model", "tiny-f8", "--metrics", "psnr,bogus", "--out", str(out)]) == 2
     assert "unknown metric 'bogus'" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".r.json*"))
+
+
+def test_nothing_decodable_is_an_input_error(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG junk")
+    with pytest.raises(InputError, match="none of the 1 images could be decoded .*bad.png"):
+        evaluate(tiny_model(), [bad], metrics="psnr", progress=False)
+
+
+def test_cli_report_is_strict_json(tmp_path):
+    from wetok.cli.eval import write_json_atomic
+
+    out = tmp_path / "r.json"
+    write_json_atomic({"metrics": {"rfid": float("nan"), "psnr": float("inf"), "x": [1.5, float("-inf")]}}, out)
+    assert json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(c)) == {
+        "metrics": {"rfid": None, "psnr": None, "x": [1.5, None]}
+    }

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .data import ImageDataset, collate_skip_bad, eval_transform, find_images, to_tensor_transform
+from .errors import InputError
 from .fid import InceptionFeatures, frechet_distance, load_reference_stats
 from .image import PAD_MODES, pad_to_multiple, unpad
 from .metrics import DEFAULT_METRICS, ReconstructionMetrics, parse_metrics
@@ -142,7 +143,9 @@ def evaluate(
     compression_ratio, ...), ``settings`` (every choice that affects the numbers), ``data`` (counts, bad files),
     ``model`` and library ``versions``. ``limit`` takes the first N images in sorted order. ``ref_stats`` adds
     ``fid_ref`` (reconstructions vs saved statistics); ``save_stats`` writes the originals' Inception statistics
-    (rank 0). ``fid_feature_extractor`` / ``lpips_nets`` replace the pretrained networks (tests).
+    (rank 0). ``fid_feature_extractor`` / ``lpips_nets`` replace the pretrained networks (tests). The model is put
+    in eval mode and moved to ``device`` (default: cuda if available). Raises :class:`InputError` if no image
+    could be decoded.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -205,6 +208,9 @@ def evaluate(
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, bad_files)
         bad_files = sorted(b for part in gathered for b in part)
+    if int(metric.n_images) == 0:  # summed over processes by the sync above
+        first = f" (first: {bad_files[0][0]}: {bad_files[0][1]})" if bad_files else ""
+        raise InputError(where, f"none of the {len(paths)} images could be decoded{first}")
     results = metric.compute()
     if reference is not None:
         fake = metric.feature_stats("fake")

@@ -115,13 +115,24 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _finite(value: Any) -> Any:
+    """NaN / infinity -> null, so the report is strict JSON (``psnr_inf`` counts infinite PSNRs)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_json_atomic(report: dict[str, Any], path: Path) -> None:
     """Write through a temporary file in the same folder, renamed into place (no half-written report)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(report, fh, indent=2, allow_nan=True)
+            json.dump(_finite(report), fh, indent=2, allow_nan=False)
             fh.write("\n")
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
