@@ -60,7 +60,7 @@ def test_round_trip_is_exact(tmp_path, suffix):
     path = save_tokens(tmp_path / f"t{suffix}", tf)
     back = load_tokens(path, TINY)
     assert torch.equal(back.indices, tf.indices) and back.indices.dtype == torch.int64
-    for name in ("bits_per_group", "image_size", "original_size", "padding", "model_id"):
+    for name in ("bits_per_group", "image_size", "original_size", "padding", "model_id", "model"):
         assert getattr(back, name) == getattr(tf, name), name
     assert [p.name for p in tmp_path.iterdir()] == [f"t{suffix}"]  # no temporary file left behind
 
@@ -69,11 +69,11 @@ def test_round_trip_is_exact(tmp_path, suffix):
 def test_wtok_size_formula(tmp_path, shape, bits):
     b, h, w, g = shape
     tf = TokenFile(indices=torch.randint(0, 2**bits, shape), bits_per_group=bits, image_size=(h * 8, w * 8),
-                   original_size=(h * 8, w * 8), model_id="0123456789abcdef")
+                   original_size=(h * 8, w * 8), model_id="0123456789abcdef", model="small-f8")
     path = save_tokens(tmp_path / "t.wtok", tf)
-    header = 43 + len("0123456789abcdef")  # fixed fields + identity (module docstring)
+    header = 43 + len("0123456789abcdef") + 1 + len("small-f8")  # fixed fields, identity, name (docstring)
     assert path.stat().st_size == header + math.ceil(b * h * w * g * bits / 8) + 4
-    assert path.stat().st_size == wtok_size(b, h, w, g, bits, "0123456789abcdef")
+    assert path.stat().st_size == wtok_size(b, h, w, g, bits, "0123456789abcdef", "small-f8")
 
 
 def test_wtok_header_fields_at_documented_offsets(tmp_path):
@@ -82,6 +82,7 @@ def test_wtok_header_fields_at_documented_offsets(tmp_path):
     assert data[:4] == b"WTOK" and data[4] == 1 and data[5] == 4
     assert struct.unpack_from("<HHIIIIII4HB", data, 6) == (4, 1, 3, 5, 24, 40, 21, 35, 2, 3, 1, 2, 16)
     assert data[43:59] == TINY.identity().encode()
+    assert data[59] == len("tiny-f8") and data[60:67] == b"tiny-f8"
     assert struct.unpack("<I", data[-4:])[0] == zlib.crc32(data[:-4])
 
 

@@ -34,8 +34,10 @@ Binary (``.wtok``), version 1, every integer little-endian::
     34      4x2   padding left, right, top, bottom (pixels added to the resized image; u16 each)
     42      1     n, length of the model identity
     43      n     model identity, ASCII
-    43+n    P     payload: ceil(B*h*w*g*d' / 8) bytes
-    43+n+P  4     CRC-32 (zlib) of every byte before it
+    43+n    1     m, length of the model name
+    44+n    m     the --model the file was made with, UTF-8 (informative, for messages; may be empty)
+    44+n+m  P     payload: ceil(B*h*w*g*d' / 8) bytes
+    end-4   4     CRC-32 (zlib) of every byte before it
 
 Payload bit order: the indices in flat (batch, h, w, group) order, each written as d' bits least significant bit
 first, into a bit stream that fills each byte from its least significant bit (``numpy.packbits(...,
@@ -148,9 +150,14 @@ def unpack_indices(data: bytes, count: int, bits: int) -> np.ndarray:
     return np.packbits(value_bits, axis=1, bitorder="little").reshape(-1).view("<u8").astype(np.int64)
 
 
-def wtok_size(batch: int, h: int, w: int, groups: int, bits_per_group: int, model_id: str) -> int:
-    """Bytes of a ``.wtok`` file: header + ceil(B*h*w*g*d'/8) payload + 4-byte CRC."""
-    return _HEADER.size + len(model_id.encode("ascii")) + math.ceil(batch * h * w * groups * bits_per_group / 8) + 4
+def wtok_size(batch: int, h: int, w: int, groups: int, bits_per_group: int, model_id: str, model: str = "") -> int:
+    """Bytes of a ``.wtok`` file: header (44 + identity + model name) + ceil(B*h*w*g*d'/8) payload + 4-byte CRC."""
+    names = len(model_id.encode("ascii")) + 1 + len(_model_name_bytes(model))
+    return _HEADER.size + names + math.ceil(batch * h * w * groups * bits_per_group / 8) + _CRC.size
+
+
+def _model_name_bytes(model: str | None) -> bytes:
+    return (model or "").encode("utf-8")[:255]
 
 
 # ----------------------------------------------------------------------------------------------------- writing
@@ -226,8 +233,9 @@ def to_wtok_bytes(tf: TokenFile) -> bytes:
         raise ValueError("a .wtok file needs the model identity")
     ident = tf.model_id.encode("ascii")
     b, h, w, g = (int(s) for s in tf.indices.shape)
+    name = _model_name_bytes(tf.model)
     header = _HEADER.pack(MAGIC, VERSION, tf.bits_per_group, g, b, h, w, *tf.image_size, *tf.original_size,
-                          *tf.padding, len(ident)) + ident
+                          *tf.padding, len(ident)) + ident + bytes([len(name)]) + name
     body = header + pack_indices(tf.indices, tf.bits_per_group)
     return body + _CRC.pack(zlib.crc32(body))
 
@@ -313,7 +321,9 @@ def _parse_wtok(path: Path, data: bytes) -> TokenFile:
         raise InputError(path, f"unsupported .wtok version {version} (this wetok reads version {VERSION})")
     if not 1 <= bits <= 62 or min(g, b, h, w) == 0:
         raise InputError(path, "corrupt .wtok header (zero sizes or bits per group out of range)")
-    expected = _HEADER.size + n_id + math.ceil(b * h * w * g * bits / 8) + _CRC.size
+    n_name = data[_HEADER.size + n_id] if len(data) > _HEADER.size + n_id else 0
+    start = _HEADER.size + n_id + 1 + n_name  # of the payload
+    expected = start + math.ceil(b * h * w * g * bits / 8) + _CRC.size
     crc_ok = len(data) >= _HEADER.size + _CRC.size and (
         _CRC.unpack_from(data, len(data) - _CRC.size)[0] == zlib.crc32(data[: -_CRC.size])
     )
@@ -325,9 +335,10 @@ def _parse_wtok(path: Path, data: bytes) -> TokenFile:
         raise InputError(path, f"corrupt .wtok header ({len(data)} bytes, header says {expected})")
     try:
         model_id = data[_HEADER.size : _HEADER.size + n_id].decode("ascii")
+        model = data[_HEADER.size + n_id + 1 : start].decode("utf-8")
     except UnicodeDecodeError:
-        raise InputError(path, "corrupt .wtok header (model identity is not ASCII)") from None
-    payload = data[_HEADER.size + n_id : -_CRC.size]
+        raise InputError(path, "corrupt .wtok header (model identity or name is not text)") from None
+    payload = data[start : -_CRC.size]
     flat = unpack_indices(payload, b * h * w * g, bits)
     tf = TokenFile(
         indices=torch.from_numpy(flat).reshape(b, h, w, g),
@@ -336,6 +347,7 @@ def _parse_wtok(path: Path, data: bytes) -> TokenFile:
         original_size=(h0, w0),
         padding=(pl, pr, pt, pb),
         model_id=model_id,
+        model=model or None,
     )
     _check_geometry(path, tf)
     return tf
