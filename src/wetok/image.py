@@ -15,9 +15,13 @@ PAD_MODES = ("replicate", "reflect", "constant")
 
 
 def pil_to_tensor(image: Image.Image) -> Tensor:
-    """A PIL image (converted to RGB) -> float (3, H, W) in [-1, 1]."""
+    """A PIL image (converted to RGB) -> float32 (3, H, W) in [-1, 1].
+
+    Computed as uint8 / 127.5 - 1 in float64 and then rounded to float32, like the official data loader, so the
+    official truncating uint8 conversion sees exactly the same values.
+    """
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+    return (torch.from_numpy(array.copy()).permute(2, 0, 1).double() / 127.5 - 1.0).float()
 
 
 def to_uint8(images: Tensor) -> Tensor:
