@@ -301,3 +301,28 @@ def test_bad_token_files_are_reported_and_the_batch_goes_on(runs, work):
         mine = [line for line in lines if line.startswith(f"wetok decode: error: {name}: ")]
         assert len(mine) == 1 and reason in mine[0], (name, lines)
     assert sorted(p.name for p in (work / "decoded").iterdir()) == ["fork.png", "photo.png", "sized.png"]
+
+
+# ------------------------------------------------------------------------------------------------ helpers, in process
+def test_default_model_falls_back_to_a_seeded_preset_with_a_note(capsys):
+    import argparse
+
+    from wetok.checkpoints import CONFIG_NAME, DEFAULT_MODEL_DIR
+    from wetok.cli.common import FALLBACK_MODEL, model_spec
+
+    spec = model_spec(argparse.Namespace(model=None, quiet=False))
+    if (DEFAULT_MODEL_DIR / CONFIG_NAME).is_file():
+        assert spec == "default" and capsys.readouterr().err == ""
+    else:
+        assert spec == FALLBACK_MODEL and "randomly initialised" in capsys.readouterr().err
+    assert model_spec(argparse.Namespace(model="small-f8", quiet=False)) == "small-f8"
+
+
+def test_one_output_file_for_several_inputs_is_refused(tmp_path):
+    from wetok.cli.common import TOKEN_SUFFIXES, check_output
+    from wetok.errors import InputError
+
+    check_output(tmp_path / "a.json", 1, TOKEN_SUFFIXES)
+    check_output(tmp_path / "folder", 3, TOKEN_SUFFIXES)
+    with pytest.raises(InputError, match="a.json: names one file, but there are 2 inputs"):
+        check_output(tmp_path / "a.json", 2, TOKEN_SUFFIXES)

@@ -98,7 +98,7 @@ def encode_tiled(
     indices = torch.empty((b, h, w, model.config.groups), dtype=torch.int64)
     for (r0, r1), (cr0, cr1) in zip(rows, _cores(rows), strict=True):
         for (c0, c1), (cc0, cc1) in zip(cols, _cores(cols), strict=True):
-            crop = images[:, :, r0 * f : r1 * f, c0 * f : c1 * f].to(device=device, dtype=dtype)
+            crop = images[:, :, r0 * f : r1 * f, c0 * f : c1 * f].to(device=device, dtype=dtype).contiguous()
             tile_indices = model.encode(crop).indices.cpu()
             indices[:, cr0:cr1, cc0:cc1] = tile_indices[:, cr0 - r0 : cr1 - r0, cc0 - c0 : cc1 - c0]
             if progress is not None:

@@ -188,6 +188,13 @@ def expand_inputs(specs: Sequence[str], kind: str) -> tuple[list[Item], list[str
     return items, errors
 
 
+def check_output(out: str | Path, count: int, file_suffixes: Iterable[str]) -> None:
+    """Refuse ``-o x.json`` (a single file) when there are several inputs, and ``-o existing_file`` likewise."""
+    out = Path(out)
+    if count > 1 and (out.suffix.lower() in tuple(file_suffixes) or out.is_file()):
+        raise InputError(out, f"names one file, but there are {count} inputs; give a folder")
+
+
 def output_path(out: str | Path, item: Item, count: int, suffix: str, file_suffixes: Iterable[str]) -> Path:
     """Where ``item``'s output goes: ``out`` itself for a single input when it has a file suffix, else inside it."""
     out = Path(out)
@@ -219,7 +226,7 @@ def prepare_image(image: Image.Image, f: int, size: int | None, pad_mode: str) -
         if new != image.size:
             image = image.resize(new, Image.Resampling.BICUBIC)
     pixels, padding = pad_to_multiple(pil_to_tensor(image)[None], f, pad_mode)
-    return Prepared(pixels, tuple(int(p) for p in padding), original)
+    return Prepared(pixels.contiguous(), tuple(int(p) for p in padding), original)
 
 
 def finish_image(pixels: Tensor, padding: Sequence[int], original_size: Sequence[int]) -> Image.Image:

@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     items, errors = common.expand_inputs(args.inputs, "tokens")
     out = Path(args.output)
+    common.check_output(out, len(items), common.IMAGE_OUTPUT_SUFFIXES)
     model, _ = common.load_model_from_args(args)
 
     def work(item: common.Item) -> None:

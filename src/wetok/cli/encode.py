@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     items, errors = common.expand_inputs(args.inputs, "image")
     out = Path(args.output)
     fmt = args.format or (out.suffix.lower().lstrip(".") if out.suffix.lower() in common.TOKEN_SUFFIXES else "json")
+    common.check_output(out, len(items), common.TOKEN_SUFFIXES)
     model, spec = common.load_model_from_args(args)
     f = model.downsample_factor
     official = spec.endswith(".ckpt")
