@@ -90,11 +90,17 @@ class DataSection:
     ``train2017/``), a ``.txt`` list of image paths (relative to the list's folder), or WebDataset-style tar
     shards (``/data/shard-{000000..000999}.tar``, a glob, or a folder of ``.tar`` files).
     ``batch_size`` is the global batch (all processes, all accumulation steps); ``micro_batch_size`` the batch
-    of one forward pass on one device; the accumulation is batch_size / (micro_batch_size * processes)."""
+    of one forward pass on one device; the accumulation is batch_size / (micro_batch_size * processes).
+    Training crops: resize the short side to ``image_size``, then a ``random`` (ImageNet recipe) or ``center``
+    (web-data recipe) crop; images with a short side below ``min_side`` or an aspect ratio above ``max_aspect``
+    are skipped (the official web-data filter: 512 and 2)."""
 
     train: str | None = None
     val: str | None = None
     image_size: int = 256
+    crop: str = "random"
+    min_side: int = 0
+    max_aspect: float | None = None
     hflip: bool = False
     batch_size: int = 128
     micro_batch_size: int = 4
@@ -102,7 +108,6 @@ class DataSection:
     val_image_size: int | None = None
     val_batch_size: int = 16
     val_max_images: int | None = 1000
-    shuffle_buffer: int = 0
 
 
 @dataclass
@@ -184,6 +189,8 @@ class TrainConfig:
             bad(f"optim.schedule must be constant, cosine or linear, got {o.schedule!r}")
         if self.discriminator.norm not in ("batch", "sync_batch", "none"):
             bad(f"discriminator.norm must be batch, sync_batch or none, got {self.discriminator.norm!r}")
+        if d.crop not in ("random", "center"):
+            bad(f"data.crop must be random or center, got {d.crop!r}")
         if d.batch_size < 1 or d.micro_batch_size < 1 or d.batch_size % d.micro_batch_size:
             bad(f"data.batch_size ({d.batch_size}) must be a multiple of data.micro_batch_size ({d.micro_batch_size})")
         if t.max_steps < 1:

@@ -12,7 +12,7 @@ Map-style sources (a folder, recursive: any folder, ImageNet ``train/<wnid>/*``,
 * an unreadable file is replaced by another file chosen by the sample's own generator (so batches keep their
   size and processes stay in step); each sample reports how many files it skipped.
 
-Tar shards (WebDataset layout: members ``<key>.<ext>``, one image per key) are streamed by :class:`ShardStream`.
+Tar shards (WebDataset layout) are streamed by :mod:`wetok.train.shards`.
 """
 
 from __future__ import annotations
@@ -34,11 +34,13 @@ from ..data import find_images, load_rgb, to_model_range
 from ..errors import InputError
 
 __all__ = [
+    "CropSpec",
+    "FilteredOut",
     "RandomCropStream",
     "StreamBatchSampler",
+    "build_train_loader",
     "crop_sample",
     "list_files",
-    "build_train_loader",
 ]
 
 log = logging.getLogger(__name__)
@@ -46,18 +48,44 @@ log = logging.getLogger(__name__)
 _MAX_REPLACEMENTS = 20
 
 
-def sample_rng(seed: int, position: int) -> random.Random:
+def sample_rng(seed: int, position: object) -> random.Random:
     """The generator of one stream position (string seeds are hashed with SHA-512: stable across runs)."""
     return random.Random(f"wetok:{seed}:{position}")
 
 
-def crop_sample(image: Image.Image, size: int, rng: random.Random, hflip: bool = False) -> Tensor:
+class CropSpec:
+    """How a training image becomes a crop: resize the short side to ``size`` (bilinear, antialias), then a
+    ``random`` or ``center`` crop, an optional flip; images whose short side is below ``min_side`` or whose
+    aspect ratio exceeds ``max_aspect`` are rejected (:class:`FilteredOut`)."""
+
+    def __init__(self, size: int, crop: str = "random", hflip: bool = False, min_side: int = 0,
+                 max_aspect: float | None = None) -> None:
+        self.size, self.crop, self.hflip = size, crop, hflip
+        self.min_side, self.max_aspect = min_side, max_aspect
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> Tensor:
+        width, height = image.size
+        if min(width, height) < self.min_side:
+            raise FilteredOut(f"short side {min(width, height)} < {self.min_side}")
+        if self.max_aspect is not None and max(width, height) > self.max_aspect * min(width, height):
+            raise FilteredOut(f"aspect ratio above {self.max_aspect}")
+        return crop_sample(image, self.size, rng, self.hflip, center=self.crop == "center")
+
+
+class FilteredOut(Exception):
+    """An image rejected by the size / aspect filter of :class:`CropSpec`."""
+
+
+def crop_sample(image: Image.Image, size: int, rng: random.Random, hflip: bool = False, *,
+                center: bool = False) -> Tensor:
     """Resize the short side to ``size`` (bilinear, antialias), crop ``size`` x ``size`` at an offset drawn from
-    ``rng``, optionally flip; float (3, size, size) in [-1, 1] (the official training transform, spec §5.1)."""
+    ``rng`` (or centred), optionally flip; float (3, size, size) in [-1, 1] (the official transforms, spec §5.1)."""
     image = TF.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
     width, height = image.size
-    top = rng.randint(0, height - size)
-    left = rng.randint(0, width - size)
+    if center:  # torchvision CenterCrop's rounding
+        top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    else:
+        top, left = rng.randint(0, height - size), rng.randint(0, width - size)
     image = image.crop((left, top, left + size, top + size))
     if hflip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -83,11 +111,10 @@ def list_files(source: str | Path) -> list[Path]:
 class RandomCropStream(Dataset):
     """Map-style dataset indexed by (file index, stream position): see the module docstring."""
 
-    def __init__(self, paths: Sequence[str | Path], size: int, seed: int, hflip: bool = False) -> None:
+    def __init__(self, paths: Sequence[str | Path], spec: CropSpec, seed: int) -> None:
         self.paths = [str(p) for p in paths]
-        self.size = size
+        self.spec = spec
         self.seed = seed
-        self.hflip = hflip
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -98,13 +125,14 @@ class RandomCropStream(Dataset):
         skipped = 0
         for _ in range(_MAX_REPLACEMENTS):
             try:
-                image = crop_sample(load_rgb(self.paths[index]), self.size, rng, self.hflip)
+                image = self.spec(load_rgb(self.paths[index]), rng)
                 return {"image": image, "index": index, "position": position, "skipped": skipped}
-            except InputError as err:
-                log.warning("skipping unreadable training image %s", err)
+            except (InputError, FilteredOut) as err:
+                log.warning("skipping training image %s: %s", self.paths[index], err)
                 skipped += 1
                 index = rng.randrange(len(self.paths))
-        raise InputError(self.paths[index], f"{_MAX_REPLACEMENTS} unreadable files in a row; is the data corrupt?")
+        raise InputError(self.paths[index], f"{_MAX_REPLACEMENTS} unusable files in a row; is the data corrupt "
+                         "or the size filter too strict?")
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
@@ -147,38 +175,28 @@ class StreamBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "image": torch.stack([it["image"] for it in items]),
-        "index": torch.tensor([it["index"] for it in items]),
-        "position": torch.tensor([it["position"] for it in items]),
-        "skipped": sum(int(it["skipped"]) for it in items),
-    }
-
-
-def is_shard_source(source: str) -> bool:
-    """Tar shards: a path or pattern ending in ``.tar`` or a folder that holds ``.tar`` files only."""
-    if source.endswith(".tar") or source.endswith("}"):
-        return True
-    path = Path(source)
-    return path.is_dir() and any(path.glob("*.tar")) and not any(
-        p.suffix.lower() != ".tar" for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
-    )
+    """Stack images; other per-sample fields become tensors; ``skipped`` is summed."""
+    out: dict[str, Any] = {"image": torch.stack([it["image"] for it in items])}
+    for key in items[0]:
+        if key not in ("image", "skipped"):
+            out[key] = torch.tensor([it[key] for it in items])
+    out["skipped"] = sum(int(it["skipped"]) for it in items)
+    return out
 
 
 def build_train_loader(
     files: Sequence[str | Path],
+    spec: CropSpec,
     *,
-    size: int,
     micro_batch: int,
     seed: int,
     start: int,
     rank: int,
     world: int,
     num_workers: int,
-    hflip: bool = False,
 ) -> DataLoader:
     """An endless DataLoader over map-style ``files`` for one process, starting at stream position ``start``."""
-    dataset = RandomCropStream(files, size, seed, hflip)
+    dataset = RandomCropStream(files, spec, seed)
     sampler = StreamBatchSampler(len(dataset), micro_batch, seed=seed, start=start, rank=rank, world=world)
     return DataLoader(
         dataset,

@@ -170,7 +170,7 @@ def build_generator(cfg: TrainConfig) -> WeTok:
     model = _load_init(cfg.model.init)
     training_fields = {k: v for k, v in cfg.model.overrides.items() if k not in _ARCH_FIELDS}
     arch = {k: v for k, v in cfg.model.overrides.items() if k in _ARCH_FIELDS}
-    if any(getattr(model.config, k) != v for k, v in arch.items()):
+    if model.config.replace(**arch) != model.config:
         raise InputError(cfg.model.init, f"model.overrides {arch} disagree with the architecture of this model")
     if training_fields:
         model = _with_config(model, model.config.replace(**training_fields))

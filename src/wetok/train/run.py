@@ -30,7 +30,7 @@ from torch import Tensor
 from ..data import ImageDataset, collate_skip_bad, eval_transform, find_images
 from ..errors import InputError, WetokError
 from .config import TrainConfig
-from .data import build_train_loader, is_shard_source, list_files
+from .data import CropSpec, build_train_loader, list_files
 from .ema import EMA
 from .module import (
     TrainingLoss,
@@ -39,6 +39,7 @@ from .module import (
     load_training_checkpoint,
     set_stage_mode,
 )
+from .shards import build_shard_loader, expand_shards, is_shard_source
 
 __all__ = ["train", "latest_checkpoint", "lr_factor"]
 
@@ -156,6 +157,7 @@ class _Run:
         self.G, self.opt_g = fabric.setup(generator, opt_g)
         self.D, self.opt_d = fabric.setup(discriminator, opt_d)
         self.step, self.position, self.bad_files = 0, 0, 0
+        self.shard_state: dict[str, Tensor] | None = None
         if ckpt is not None:
             self._restore(ckpt)
         else:
@@ -174,6 +176,7 @@ class _Run:
         self.fabric.strategy.precision.load_state_dict(ckpt.get("precision", {}))
         self.step, self.position = int(ckpt["step"]), int(ckpt["data_position"])
         self.bad_files = int(ckpt.get("bad_files", 0))
+        self.shard_state = ckpt.get("shard_state")
         rng = ckpt.get("rng")
         if rng is not None and rng["cpu"].shape[0] == self.world:
             torch.set_rng_state(rng["cpu"][self.rank].clone())
@@ -182,19 +185,48 @@ class _Run:
         else:
             log.warning("process count changed since the checkpoint: random streams restart (data stream does not)")
 
-    def train_files(self) -> list[Path]:
-        """The training file list, fixed at the first start (``train_files.txt``) so that resuming is exact."""
-        listing = self.output / "train_files.txt"
+    def train_files(self) -> tuple[str, list[str]]:
+        """("files" or "shards", the list), fixed at the first start (``train_files.txt``) so resuming is exact."""
         source = self.cfg.data.train
         if source is None:
             raise InputError("config", "data.train is not set (pass data.train=FOLDER)")
-        if is_shard_source(source):
-            raise InputError(source, "tar shards are not supported by this engine yet")
+        kind = "shards" if is_shard_source(source) else "files"
+        listing = self.output / f"train_{kind}.txt"
         if self.rank == 0 and not listing.is_file():
-            files = list_files(source)
-            _atomic_text(listing, "".join(f"{p}\n" for p in files))
+            items = expand_shards(source) if kind == "shards" else list_files(source)
+            _atomic_text(listing, "".join(f"{p}\n" for p in items))
         self.fabric.barrier()
-        return [Path(line) for line in listing.read_text().splitlines() if line]
+        return kind, [line for line in listing.read_text().splitlines() if line]
+
+    def train_loader(self) -> torch.utils.data.DataLoader:
+        d, t = self.cfg.data, self.cfg.trainer
+        spec = CropSpec(d.image_size, d.crop, d.hflip, d.min_side, d.max_aspect)
+        self.data_kind, items = self.train_files()
+        common = dict(micro_batch=d.micro_batch_size, seed=t.seed, rank=self.rank, world=self.world,
+                      num_workers=d.num_workers)
+        if self.data_kind == "files":
+            return build_train_loader(items, spec, start=self.position, **common)
+        workers = max(1, d.num_workers)
+        self.cursors = torch.full((workers, 4), -1, dtype=torch.int64)  # valid, epoch, slot, sample per stream
+        cursors, saved = {}, self.shard_state
+        if saved is not None and tuple(saved["cursors"].shape[:2]) == (self.world, workers):
+            for s, row in enumerate(saved["cursors"].reshape(-1, 4).tolist()):
+                if row[0] == 1:
+                    cursors[s] = (row[1], row[2], row[3])
+            self.cursors = saved["cursors"][self.rank].clone()
+        elif saved is not None:
+            log.warning("processes x workers changed since the checkpoint: the shard stream restarts at a new epoch")
+            next_epoch = int(saved["cursors"][..., 1].max()) + 1
+            cursors = {s: (next_epoch, 0, -1) for s in range(self.world * workers)}
+        rotation = (self.step * self.accumulate) % workers
+        return build_shard_loader(items, spec, cursors=cursors, rotation=rotation, **common)
+
+    def observe(self, batch: dict[str, Any]) -> None:
+        """Remember where each shard stream stands (the last consumed sample of the batch)."""
+        if self.data_kind == "shards":
+            stream = int(batch["stream"][-1])
+            row = [1, int(batch["epoch"][-1]), int(batch["slot"][-1]), int(batch["sample"][-1])]
+            self.cursors[stream - self.rank * self.cursors.shape[0]] = torch.tensor(row)
 
     def val_loader(self) -> torch.utils.data.DataLoader | None:
         d = self.cfg.data
@@ -308,6 +340,10 @@ class _Run:
 
     def save_checkpoint(self) -> None:
         rng = self._gather_rng()
+        shard_state = None
+        if self.data_kind == "shards":
+            gathered = self.fabric.all_gather(self.cursors.to(self.fabric.device)).cpu()
+            shard_state = {"cursors": gathered.reshape(self.world, *self.cursors.shape)}
         if self.rank == 0:
             state = {
                 "version": CHECKPOINT_VERSION,
@@ -325,6 +361,7 @@ class _Run:
                 "opt_d": self.opt_d.state_dict(),
                 "precision": self.fabric.strategy.precision.state_dict(),
                 "rng": rng,
+                "shard_state": shard_state,
             }
             folder = self.output / CHECKPOINT_DIR
             folder.mkdir(exist_ok=True)
@@ -340,12 +377,8 @@ class _Run:
     # ------------------------------------------------------------------------------------------------- loop
     def run(self) -> Path | None:
         cfg, fabric, t = self.cfg, self.fabric, self.cfg.trainer
-        files = self.train_files()
         d = cfg.data
-        loader = build_train_loader(
-            files, size=d.image_size, micro_batch=d.micro_batch_size, seed=t.seed, start=self.position,
-            rank=self.rank, world=self.world, num_workers=d.num_workers, hflip=d.hflip,
-        )
+        loader = self.train_loader()
         val_loader = self.val_loader()
         preview = next(iter(val_loader))["image"] if val_loader is not None and self.rank == 0 else None
         if self.rank == 0:
@@ -366,6 +399,8 @@ class _Run:
                 self.train_step(batches[:1] * self.accumulate)  # half-done work that must not leak
                 os.kill(os.getpid(), 9)
             logs = self.train_step(batches)
+            for batch in batches:
+                self.observe(batch)
             self.step += 1
             self.position += d.batch_size
             self.bad_files += sum(b["skipped"] for b in batches)
