@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .blocks import AdaptiveGroupNorm, ResBlock, Upsample, group_norm, swish
+from .blocks import AdaptiveGroupNorm, ResBlock, Upsample, group_norm, no_autograd, swish
 
 
 class _Level(nn.Module):
@@ -58,7 +58,7 @@ class Encoder(nn.Module):
                 h = level.downsample(h)
         for block in self.mid_block:
             h = block(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h), no_autograd()))
 
 
 class Decoder(nn.Module):
@@ -123,4 +123,4 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h), no_autograd()))

@@ -47,6 +47,10 @@ class WeTokOutput:
     quantizer: QuantizerOutput
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class WeTok(nn.Module):
     """A WeTok tokenizer built from a :class:`WeTokConfig`.
 
@@ -148,9 +152,13 @@ class WeTok(nn.Module):
             )
 
     def encode_latent(self, images: Tensor) -> Tensor:
-        """Continuous encoder output (B, z_channels, H/f, W/f), before quantization."""
+        """Continuous encoder output (B, z_channels, H/f, W/f), before quantization.
+
+        The images are cast to the encoder's dtype; a bfloat16 / float16 latent is returned as float32, so the
+        quantizer always works in at least float32.
+        """
         self._check_images(images)
-        return self.encoder(images)
+        return _at_least_float32(self.encoder(images.to(self.encoder.conv_in.weight.dtype)))
 
     def encode(self, images: Tensor) -> Tokens:
         """Images (B, 3, H, W) in [-1, 1] -> :class:`Tokens`."""
@@ -178,14 +186,19 @@ class WeTok(nn.Module):
         generator: torch.Generator | None = None,
         noise_scale: float = 1.0,
     ) -> Tensor:
-        """Quantized latent (B, d, h, w) of +1/-1 -> images (B, 3, h*f, w*f), not clamped."""
+        """Quantized latent (B, d, h, w) of +1/-1 -> images (B, 3, h*f, w*f), not clamped.
+
+        The codes are cast to the decoder's dtype; a bfloat16 / float16 decoder's images are returned as float32
+        (and contiguous, whatever memory format the decoder ran in).
+        """
+        codes = codes.to(self.decoder.conv_in.weight.dtype)
         if not self.config.generative_decoder:
             if noise is not None:
                 raise ValueError("this model has a deterministic decoder; it takes no noise")
-            return self.decoder(codes)
+            return _at_least_float32(self.decoder(codes)).contiguous()
         if noise is None:
             noise = self.make_noise(codes, generator)
-        return self.decoder(codes, noise * noise_scale)
+        return _at_least_float32(self.decoder(codes, noise * noise_scale)).contiguous()
 
     def decode(
         self,
