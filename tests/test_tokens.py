@@ -118,6 +118,11 @@ def test_hand_written_fork_json_decodes(tmp_path):
         load_tokens(path)
     with pytest.raises(ModelMismatchError, match=str(path)):  # f16 model: 112/16 is not whole
         load_tokens(path, get_config("tiny-f16"))
+    flat[5] = 200  # an 8-bit index (the official models) read with 4 bits per group
+    obj["wetok"]["data"] = base64.b64encode(flat.tobytes()).decode()
+    path.write_text(json.dumps(obj))
+    with pytest.raises(ModelMismatchError, match="index 200 does not fit the model's 4 bits"):
+        load_tokens(path, TINY)
 
 
 def _expect_input_error(path: Path, match: str) -> None:

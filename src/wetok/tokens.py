@@ -408,6 +408,8 @@ def _parse_json(path: Path, data: bytes, config: ModelGeometry | None) -> TokenF
             side = math.isqrt(count // g)
             b, h, w = 1, side, side
             height, width = h * f, w * f
+        if flat.size and int(flat.max()) >= 2**bits:
+            raise ModelMismatchError(f"{path}: index {int(flat.max())} does not fit the model's {bits} bits per group")
         if b * h * w * g != count or height % f or width % f:
             raise ModelMismatchError(
                 f"{path}: {count} indices do not fit a {height}x{width} image with this model "

@@ -65,7 +65,8 @@ def add_image_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=None, metavar="S",
                    help="resize so the short side is S pixels (bicubic) before encoding; default: keep the size")
     p.add_argument("--pad-mode", choices=PAD_MODES, default="replicate",
-                   help="how images are padded to a multiple of f (default replicate: repeat the edge pixels)")
+                   help="how images are padded to a multiple of f, split evenly between opposite sides (default "
+                   "replicate: repeat the edge pixels; reflect: mirror; constant: mid-grey)")
 
 
 def note(args: argparse.Namespace, message: str) -> None:
