@@ -39,9 +39,10 @@ PRESETS: dict[str, WeTokConfig] = {
                            bits_per_group=4),
     "tiny-f16": WeTokConfig(channels=32, ch_mult=(1, 1, 2, 2, 2), num_res_blocks=1, z_channels=16, groups=4,
                             bits_per_group=4),
-    "small-f8": WeTokConfig(channels=64, ch_mult=(1, 1, 2, 2), num_res_blocks=2, z_channels=32, groups=4,
+    # small-f8 is the bundled default model's architecture: 2.5M parameters, chosen for quality per CPU-hour
+    "small-f8": WeTokConfig(channels=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=32, groups=4,
                             bits_per_group=8),
-    "small-f16": WeTokConfig(channels=64, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=32, groups=4,
+    "small-f16": WeTokConfig(channels=32, ch_mult=(1, 2, 2, 4, 4), num_res_blocks=1, z_channels=32, groups=4,
                              bits_per_group=8),
 }
 PRESETS = {name: replace(cfg, name=name) for name, cfg in PRESETS.items()}
