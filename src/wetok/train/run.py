@@ -100,7 +100,7 @@ class _Run:
         precision = {"32": "32-true"}.get(t.precision, t.precision)
         loggers = [
             TensorBoardLogger(root_dir=output / "logs", name="tensorboard"),
-            CSVLogger(root_dir=output / "logs", name="csv"),
+            CSVLogger(root_dir=output / "logs", name="csv", flush_logs_every_n_steps=1),
         ]
         self.fabric = Fabric(
             accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
@@ -177,6 +177,9 @@ class _Run:
         self.step, self.position = int(ckpt["step"]), int(ckpt["data_position"])
         self.bad_files = int(ckpt.get("bad_files", 0))
         self.shard_state = ckpt.get("shard_state")
+        changed = _config_changes(ckpt.get("config", {}), self.cfg.to_dict())
+        if changed and self.rank == 0:
+            log.warning("resuming with settings that differ from the checkpoint's: %s", "; ".join(changed))
         rng = ckpt.get("rng")
         if rng is not None and rng["cpu"].shape[0] == self.world:
             torch.set_rng_state(rng["cpu"][self.rank].clone())
@@ -389,6 +392,8 @@ class _Run:
             from tqdm import tqdm
 
             bar = tqdm(total=t.max_steps, initial=self.step, desc=f"stage {t.stage}", dynamic_ncols=True)
+        if val_loader is not None and t.val_every and self.step == 0:
+            fabric.log_dict(self.validate(val_loader), step=0)  # the baseline of the run
         window: list[dict[str, Tensor]] = []
         tic = time.perf_counter()
         batches_iter = iter(loader)
@@ -438,6 +443,17 @@ class _Run:
         metrics["train/steps_per_second"] = len(window) / max(seconds, 1e-9)
         metrics["train/bad_files"] = float(self.bad_files)
         return metrics
+
+
+def _config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``section.key: old -> new`` for every recipe setting that differs."""
+    out = []
+    for section, values in new.items():
+        for key, value in values.items():
+            before = old.get(section, {}).get(key, value)
+            if before != value:
+                out.append(f"{section}.{key}: {before!r} -> {value!r}")
+    return out
 
 
 _BAR_KEYS = {f"train/{k}" for k in ("l1", "lpips", "g_loss", "d_total", "codebook_entropy", "token_entropy")}
