@@ -112,11 +112,13 @@ class DataSection:
 
 @dataclass
 class TrainerSection:
-    """Engine settings. ``precision``: 32, 16-mixed or bf16-mixed. Steps count generator updates. Logging,
-    validation, image grids and checkpoints happen every ``*_every`` steps (0 = never)."""
+    """Engine settings. ``precision``: 32, 16-mixed or bf16-mixed. Steps count generator updates; training
+    stops at ``max_steps`` or after ``max_minutes`` of wall-clock time (then with a checkpoint, like at the end).
+    Logging, validation, image grids and checkpoints happen every ``*_every`` steps (0 = never)."""
 
     stage: int = 1
     max_steps: int = 100_000
+    max_minutes: float | None = None
     precision: str = "32"
     accelerator: str = "auto"
     devices: int | str = "auto"

@@ -397,6 +397,7 @@ class _Run:
         window: list[dict[str, Tensor]] = []
         tic = time.perf_counter()
         batches_iter = iter(loader)
+        deadline = time.monotonic() + 60 * t.max_minutes if t.max_minutes else None
         while self.step < t.max_steps:
             batches = [next(batches_iter) for _ in range(self.accumulate)]
             if kill_after >= 0 and self.step == kill_after + 1:
@@ -420,10 +421,14 @@ class _Run:
                 fabric.log_dict(self.validate(val_loader), step=self.step)
             if t.image_every and self.step % t.image_every == 0:
                 self.save_images(preview if preview is not None else batches[0]["image"])
-            if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == t.max_steps:
+            time_up = deadline is not None and bool(fabric.broadcast(time.monotonic() > deadline, src=0))
+            if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == t.max_steps or time_up:
                 self.save_checkpoint()
             if bar is not None:
                 bar.update(1)
+            if time_up:
+                log.warning("trainer.max_minutes reached at step %d", self.step)
+                break
         if bar is not None:
             bar.close()
         if val_loader is not None and not (t.val_every and self.step % t.val_every == 0):
