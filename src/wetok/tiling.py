@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .model import WeTok
 
-__all__ = ["decode_tiled", "encode_tiled", "reconstruct_tiled", "tile_spans"]
+__all__ = ["decode_tiled", "encode_tiled", "reconstruct_tiled", "tile_count", "tile_spans"]
 
 
 def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:

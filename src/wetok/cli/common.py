@@ -276,8 +276,7 @@ def run_batch(args: argparse.Namespace, items: Sequence[Item], errors: list[str]
 
     total = len(items) + len(errors)
     errors = list(errors)
-    quiet = args.quiet or not sys.stderr.isatty()
-    for item in tqdm(items, desc=f"wetok {args.command}", unit=unit, disable=quiet):
+    for item in tqdm(items, desc=f"wetok {args.command}", unit=unit, disable=not show_progress(args)):
         try:
             work(item)
         except WetokError as err:
@@ -311,8 +310,18 @@ _RAMP = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 
 
 
 # --------------------------------------------------------------------------------------------------- model steps
+def _tile_bar(show: bool, height: int, width: int, f: int, tokens: int, desc: str):
+    """A per-tile progress bar for images that take several tiles (the per-file bar says little then)."""
+    from tqdm.auto import tqdm
+
+    from ..tiling import tile_count
+
+    total = tile_count(height, width, f, tokens)
+    return tqdm(total=total, desc=desc, unit="tile", leave=False, disable=not show or total < 2)
+
+
 @torch.inference_mode()
-def encode_pixels(model: WeTok, pixels: Tensor, tile: int | None) -> Tensor:
+def encode_pixels(model: WeTok, pixels: Tensor, tile: int | None, show: bool = False) -> Tensor:
     """(1, 3, H, W) padded pixels -> int64 indices (1, h, w, g) on the CPU, tiled per :func:`tile_tokens`."""
     from ..tiling import encode_tiled
 
@@ -321,11 +330,12 @@ def encode_pixels(model: WeTok, pixels: Tensor, tile: int | None) -> Tensor:
     if tokens is None:
         param = next(model.parameters())
         return model.encode(pixels.to(device=param.device, dtype=param.dtype)).indices.cpu()
-    return encode_tiled(model, pixels, tile=tokens)
+    with _tile_bar(show, pixels.shape[-2], pixels.shape[-1], f, tokens, "encoding tiles") as bar:
+        return encode_tiled(model, pixels, tile=tokens, progress=bar.update)
 
 
 @torch.inference_mode()
-def decode_indices(model: WeTok, indices: Tensor, tile: int | None, seed: int | None) -> Tensor:
+def decode_indices(model: WeTok, indices: Tensor, tile: int | None, seed: int | None, show: bool = False) -> Tensor:
     """Indices (B, h, w, g) -> float32 pixels (B, 3, H, W) on the CPU, not clamped, tiled per :func:`tile_tokens`.
 
     ``seed`` fixes the generative decoder's noise (drawn on the CPU, so it is the same on every device).
@@ -334,7 +344,14 @@ def decode_indices(model: WeTok, indices: Tensor, tile: int | None, seed: int | 
 
     f = model.downsample_factor
     generator = None if seed is None else torch.Generator().manual_seed(seed)
-    tokens = tile_tokens(tile, indices.shape[1] * f, indices.shape[2] * f, f)
+    height, width = indices.shape[1] * f, indices.shape[2] * f
+    tokens = tile_tokens(tile, height, width, f)
     if tokens is None:
         tokens = max(indices.shape[1], indices.shape[2], 2)  # one tile: exactly model.decode, same noise draw
-    return decode_tiled(model, indices, tile=tokens, generator=generator)
+    with _tile_bar(show, height, width, f, tokens, "decoding tiles") as bar:
+        return decode_tiled(model, indices, tile=tokens, generator=generator, progress=bar.update)
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars go to stderr only when it is a terminal and --quiet is not given."""
+    return not args.quiet and sys.stderr.isatty()

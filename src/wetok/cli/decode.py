@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         for i in range(batch):
             name = item if batch == 1 else common.Item(item.path, f"{item.name}_{i}")
             targets.append(common.output_path(out, name, len(items) * batch, ".png", common.IMAGE_OUTPUT_SUFFIXES))
-        pixels = common.decode_indices(model, record.indices, args.tile, args.seed)
+        pixels = common.decode_indices(model, record.indices, args.tile, args.seed, common.show_progress(args))
         for i, target in enumerate(targets):
             common.save_image(common.finish_image(pixels[i : i + 1], record.padding, record.original_size), target)
 

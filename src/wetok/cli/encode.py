@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     def work(item: common.Item) -> None:
         target = common.output_path(out, item, len(items), f".{fmt}", common.TOKEN_SUFFIXES)
         prepared = common.prepare_image(load_rgb(item.path), f, args.size, args.pad_mode)
-        indices = common.encode_pixels(model, prepared.pixels, args.tile)
+        indices = common.encode_pixels(model, prepared.pixels, args.tile, common.show_progress(args))
         record = TokenFile(
             indices=indices,
             bits_per_group=model.config.bits_per_group,

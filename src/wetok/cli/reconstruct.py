@@ -60,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
     def work(item: common.Item) -> None:
         original = load_rgb(item.path)
         prepared = common.prepare_image(original, f, args.size, args.pad_mode)
-        indices = common.encode_pixels(model, prepared.pixels, args.tile)
-        pixels = common.decode_indices(model, indices, args.tile, args.seed)
+        indices = common.encode_pixels(model, prepared.pixels, args.tile, common.show_progress(args))
+        pixels = common.decode_indices(model, indices, args.tile, args.seed, common.show_progress(args))
         reconstruction = common.finish_image(pixels, prepared.padding, prepared.original_size)
         common.save_image(reconstruction, out / f"{item.name}.png")
         if args.grid:
