@@ -287,3 +287,22 @@ def test_feature_stats_match_numpy_and_merge():
     assert merged.n == 50
     np.testing.assert_allclose(merged.mu, x.mean(0), rtol=1e-12)
     np.testing.assert_allclose(merged.sigma, np.cov(x, rowvar=False), rtol=1e-10, atol=1e-12)
+
+
+def test_sharpness_is_the_laplacian_variance_ratio():
+    from scipy import ndimage
+
+    from wetok.metrics import ReconstructionMetrics
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(3, 3, 24, 20, generator=g) * 2 - 1
+    blurred = torch.nn.functional.avg_pool2d(target, 3, stride=1, padding=1, count_include_pad=False)
+    metric = ReconstructionMetrics(["sharpness"])
+    metric.update(target, blurred)
+    expected = []
+    for rec, ref in zip(blurred, target, strict=True):
+        lum = [((x.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).double().numpy() @ [0.299, 0.587, 0.114]
+               for x in (rec, ref)]
+        expected.append(ndimage.laplace(lum[0], mode="reflect").var() / ndimage.laplace(lum[1], mode="reflect").var())
+    assert metric.compute()["sharpness"] == pytest.approx(sum(expected) / 3, rel=1e-12)
+    assert metric.compute()["sharpness"] < 0.5  # a 3x3 box blur removes most Laplacian energy

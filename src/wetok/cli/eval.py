@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--metrics",
         default="psnr,ssim,lpips,fid,usage",
         help="comma-separated: psnr, ssim, lpips (= lpips_alex + lpips_vgg), lpips_alex, lpips_vgg, fid, "
-        "usage (default: all)",
+        "usage, sharpness (Laplacian-variance ratio, reconstruction / original) (default: all but sharpness)",
     )
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (crop256; original uses 1)")
     p.add_argument(
@@ -95,6 +95,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         ("lpips_alex", "LPIPS alex"),
         ("lpips_vgg", "LPIPS vgg"),
         ("rfid", "rFID"),
+        ("sharpness", "sharpness (Laplacian variance, rec / orig)"),
         ("fid_ref", "FID vs ref stats"),
         ("bits_per_pixel", "bits per pixel"),
         ("compression_ratio", "compression ratio"),
