@@ -6,8 +6,10 @@ equivalent). Variants (``--variants``, comma-separated):
 
 * ``plain``: the baseline, :mod:`plain` (eager, contiguous NCHW float32, separate out-of-place GroupNorm / SiLU /
   add, ``torch.no_grad``), the way the official code runs;
-* ``fast``: ``wetok.fast.optimize(model)`` (float32, channels_last) under ``wetok.fast.inference()``;
-* ``fast-nchw``: the same without channels_last (what in-place blocks + inference_mode alone give);
+* ``fast``: ``wetok.fast.optimize(model, dtype="float32")`` under ``wetok.fast.inference()``: its defaults on
+  the CPU, NNPACK Winograd for the large 3x3 convolutions, NCHW;
+* ``fast-cl``: float32 with channels_last and oneDNN's direct convolutions (``winograd=False``);
+* ``fast-nchw``: float32, NCHW, direct convolutions: what in-place blocks + inference_mode alone give;
 * ``bf16``: ``optimize(model, dtype="bfloat16")``: bfloat16 encoder and decoder, float32 quantizer;
 * ``compile``, ``compile-bf16``: the same with ``compile=True`` (torch.compile; compiling happens in the warm-up).
 
@@ -40,8 +42,9 @@ from wetok import WeTok  # noqa: E402
 from wetok.fast import inference, optimize  # noqa: E402
 
 VARIANTS = {  # name -> optimize() keyword arguments
-    "fast": dict(dtype="float32", channels_last=True),
-    "fast-nchw": dict(dtype="float32", channels_last=False),
+    "fast": dict(dtype="float32"),
+    "fast-cl": dict(dtype="float32", channels_last=True, winograd=False),
+    "fast-nchw": dict(dtype="float32", channels_last=False, winograd=False),
     "bf16": dict(dtype="bfloat16", channels_last=True),
     "compile": dict(dtype="float32", channels_last=True, compile=True),
     "compile-bf16": dict(dtype="bfloat16", channels_last=True, compile=True),
@@ -90,6 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--variants", default="plain,fast,bf16", help=f"comma-separated from plain,{','.join(VARIANTS)}")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice, one per core); with 1 the CPU time is the work done, "
+                   "untouched by other processes' load")
     p.add_argument("--images", default=DEFAULT_IMAGES)
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -98,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         p.error(f"unknown variants: {', '.join(unknown)}")
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(machine())
     x = load_images(args.images, args.batch, args.size)
     runs, decoders = build(args.preset, names)
