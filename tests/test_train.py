@@ -96,6 +96,22 @@ def test_ema_update_formula_and_frozen_copies():
     assert not ema.module.training and not any(p.requires_grad for p in ema.parameters())
 
 
+def test_ema_warmup_decay():
+    model = torch.nn.Linear(2, 1, bias=False)
+    ema = EMA(model, decay=0.999, warmup=True)
+    expected = model.weight.detach().double().clone()
+    for n in range(5):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        assert ema.current_decay() == pytest.approx((1 + n) / (10 + n))
+        d = (1 + n) / (10 + n)
+        expected = expected - (1 - d) * (expected - model.weight.detach().double())
+        ema.update(model)
+    torch.testing.assert_close(ema.module.weight.double(), expected, atol=1e-6, rtol=0)
+    assert int(ema.state_dict()["num_updates"]) == 5  # checkpointed
+    assert EMA(model, decay=0.999).current_decay() == 0.999  # official: no warm-up
+
+
 # --------------------------------------------------------------------------------------------------------- data
 def test_stream_partitions_the_global_batch_and_resumes():
     n = 10
@@ -197,7 +213,10 @@ def test_run_writes_checkpoints_logs_images_and_ema(stage1):
     torch.manual_seed(cfg.trainer.seed)
     init = WeTok(cfg.model_config()).state_dict()
     d = cfg.trainer.ema_decay
+    assert int(c2["ema"]["num_updates"]) == 2
     for k, v in c2["ema"].items():
+        if not k.startswith("module."):
+            continue
         k = k.removeprefix("module.")
         e1 = init[k].double() - (1 - d) * (init[k].double() - c1["generator"][k].double())
         e2 = e1 - (1 - d) * (e1 - c2["generator"][k].double())
@@ -209,7 +228,7 @@ def test_export_writes_the_ema_weights(stage1, tmp_path):
     root, _, last = stage1
     assert cli_main(["export", str(root / "run"), "-o", str(tmp_path / "model")]) == 0
     model = WeTok.from_pretrained(tmp_path / "model")
-    ema = {k.removeprefix("module."): v for k, v in load_training_checkpoint(last)["ema"].items()}
+    ema = {k.removeprefix("module."): v for k, v in load_training_checkpoint(last)["ema"].items() if k.startswith("module.")}
     assert max_abs_diff(model.state_dict(), ema) == 0.0
 
 
@@ -251,3 +270,17 @@ def test_cli_reports_bad_overrides_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "optim.lrr" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_bf16_mixed_precision_trains(stage1, tmp_path):
+    root, _, _ = stage1
+    cfg = load_config(root / "tiny.yaml", [f"data.train={root / 'train'}", "trainer.precision=bf16-mixed",
+                                           "trainer.max_steps=2", "trainer.checkpoint_every=2"])
+    ckpt = load_training_checkpoint(train(cfg, tmp_path / "run"))
+    torch.manual_seed(cfg.trainer.seed)
+    init = WeTok(cfg.model_config()).state_dict()
+    assert all(torch.isfinite(v).all() for v in ckpt["generator"].values())
+    assert ckpt["generator"]["decoder.conv_out.weight"].dtype == torch.float32  # mixed: float32 master weights
+    assert max_abs_diff(init, ckpt["generator"]) > 1e-4
+    metrics = (tmp_path / "run" / "logs" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert "nan" not in metrics[-1] and "train/d_hinge" in metrics[0]

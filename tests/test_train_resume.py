@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from train_helpers import load_ckpt, make_images, run_cli, write_recipe
@@ -50,3 +51,21 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
     # and the weights did change between K and 2K
     mid = load_ckpt(tmp_path / "straight" / "checkpoints" / f"step-{K:08d}.pt")
     assert not torch.equal(mid["generator"]["decoder.conv_out.weight"], a["generator"]["decoder.conv_out.weight"])
+
+
+@pytest.mark.slow
+def test_stage2_resume_is_bit_exact_with_decoder_noise(tmp_path):
+    """Stage 2 draws the generative decoder's noise from the global RNG: its state is checkpointed too."""
+    make_images(tmp_path / "train", 10)
+    write_recipe(tmp_path / "tiny.yaml")
+    run_cli(["train", "tiny.yaml", "-o", "stage1", "data.train=train", "trainer.max_steps=1"], cwd=tmp_path)
+    args = [*ARGS, "trainer.stage=2", "model.init=stage1/checkpoints/step-00000001.pt"]
+    run_cli(["train", "tiny.yaml", "-o", "straight", *args], cwd=tmp_path)
+    killed = run_cli(["train", "tiny.yaml", "-o", "resumed", *args], cwd=tmp_path,
+                     env={"WETOK_TEST_KILL_AFTER_STEP": str(K)}, check=False)
+    assert killed.returncode in (-9, 137)
+    run_cli(["train", "tiny.yaml", "-o", "resumed", "--resume", *args], cwd=tmp_path)
+    a = load_ckpt(tmp_path / "straight" / "checkpoints" / f"step-{2 * K:08d}.pt")
+    b = load_ckpt(tmp_path / "resumed" / "checkpoints" / f"step-{2 * K:08d}.pt")
+    for key in ("generator", "discriminator", "ema", "lecam", "opt_g", "opt_d", "rng"):
+        _assert_identical(a[key], b[key], key)

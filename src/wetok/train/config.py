@@ -114,7 +114,9 @@ class DataSection:
 class TrainerSection:
     """Engine settings. ``precision``: 32, 16-mixed or bf16-mixed. Steps count generator updates; training
     stops at ``max_steps`` or after ``max_minutes`` of wall-clock time (then with a checkpoint, like at the end).
-    Logging, validation, image grids and checkpoints happen every ``*_every`` steps (0 = never)."""
+    Logging, validation, image grids and checkpoints happen every ``*_every`` steps (0 = never). The EMA of the
+    weights (what validation and export use) has ``ema_decay``; ``ema_warmup`` caps it at (1 + n) / (10 + n)
+    after n steps (off in the official recipes; on for short runs)."""
 
     stage: int = 1
     max_steps: int = 100_000
@@ -126,6 +128,7 @@ class TrainerSection:
     strategy: str = "auto"
     seed: int = 0
     ema_decay: float = 0.999
+    ema_warmup: bool = False
     log_every: int = 50
     val_every: int = 2000
     image_every: int = 2000

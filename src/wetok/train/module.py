@@ -140,7 +140,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], *, ema: bool = True, source: obj
     """The EMA (default) or live generator of a training checkpoint, as a :class:`WeTok` in eval mode."""
     model = WeTok(WeTokConfig.from_dict(ckpt["model_config"]))
     if ema:
-        state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items()}
+        state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
     else:
         state = ckpt["generator"]
     missing, unexpected = model.load_state_dict(state, strict=False)

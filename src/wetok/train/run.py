@@ -143,7 +143,7 @@ class _Run:
         else:
             generator = build_generator(cfg)
         set_stage_mode(generator, stage)
-        self.ema = fabric.to_device(EMA(generator, cfg.trainer.ema_decay))
+        self.ema = fabric.to_device(EMA(generator, cfg.trainer.ema_decay, warmup=cfg.trainer.ema_warmup))
         torch.manual_seed(cfg.trainer.seed + 1)  # the same D (and random LPIPS backbone) on a fresh start or resume
         discriminator = build_discriminator(cfg)
         if cfg.discriminator.norm == "sync_batch" and fabric.device.type == "cuda":
