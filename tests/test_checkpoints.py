@@ -160,3 +160,15 @@ def test_convert_command(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "wetok.cli.main", "convert", str(tmp_path / "nope.ckpt"),
                            "--config", str(YAML), "-o", str(tmp_path / "x")], capture_output=True, text=True)
     assert proc.returncode == 2 and "nope.ckpt" in proc.stderr and not (tmp_path / "x").exists()
+
+
+def test_load_model_reads_a_training_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = WeTok.from_preset("tiny-f8")
+    ema = {"module." + k: v + 1 for k, v in model.state_dict().items()}
+    torch.save({"model_config": model.config.to_dict(), "ema": ema, "generator": model.state_dict()},
+               tmp_path / "step-1.pt")
+    loaded = load_model(str(tmp_path / "step-1.pt"))
+    assert torch.equal(loaded.encoder.conv_in.weight, model.encoder.conv_in.weight + 1)
+    raw = load_model(str(tmp_path / "step-1.pt"), ema=False)
+    assert torch.equal(raw.encoder.conv_in.weight, model.encoder.conv_in.weight)

@@ -344,7 +344,7 @@ def load_model(
     """Resolve what a user passes as ``--model``.
 
     ``None`` or ``"default"``: the model bundled in the package. ``official:<name>``: download an official
-    checkpoint. A ``.ckpt`` file: an official checkpoint (``config`` = its YAML or a preset name; defaults to the
+    checkpoint. A ``.pt`` file: a ``wetok train`` checkpoint (its EMA weights). A ``.ckpt`` file: an official checkpoint (``config`` = its YAML or a preset name; defaults to the
     preset named like the checkpoint's folder). A directory: the native format. A preset name: a randomly
     initialised model of that configuration. Anything else of the form ``owner/name``: a Hub repo id.
     """
@@ -356,6 +356,10 @@ def load_model(
     elif spec.startswith("official:"):
         name = spec.split(":", 1)[1]
         model = load_official(download_official(name), config or name, ema=ema)
+    elif spec.endswith(".pt") and Path(spec).is_file():
+        from .train.module import load_training_checkpoint, model_from_checkpoint
+
+        model = model_from_checkpoint(load_training_checkpoint(Path(spec)), ema=ema, source=spec)
     elif spec.endswith(".ckpt"):
         if config is None:
             raise InputError(spec, "an official .ckpt needs its YAML config (--config) or a preset name")

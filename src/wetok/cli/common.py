@@ -44,8 +44,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     """--model, --config, --device, --dtype."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
-                   help="preset name, native model directory, Hugging Face Hub id, official .ckpt (with --config) "
-                   "or official:<name>; default: the bundled model")
+                   help="preset name, native model directory, Hugging Face Hub id, wetok train checkpoint (.pt), "
+                   "official .ckpt (with --config) or official:<name>; default: the bundled model")
     g.add_argument("--config", default=None, help="the official YAML config (or a preset name) of a .ckpt --model")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model precision (default float32)")
