@@ -1,7 +1,8 @@
 """End-to-end tests of the ``wetok`` command: every subcommand and every kind of bad input, in subprocesses.
 
-All runs are started at once by one module fixture (two phases: decoding needs the encoder's outputs), so the
-file costs about two rounds of interpreter + torch start-up rather than one per test.
+All runs are started at once by one module fixture (a decode starts as soon as the encode it needs is done), and
+the bad inputs share two batch runs plus one single-file run, so the file costs about two rounds of interpreter +
+torch start-up rather than one per test.
 """
 
 from __future__ import annotations
