@@ -51,6 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WetokError as err:
         print(f"wetok {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `wetok info | head`: stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"wetok {args.command}: interrupted", file=sys.stderr)
         return 130
