@@ -25,7 +25,6 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.transforms import InterpolationMode, v2
 
 from .errors import InputError
 
@@ -180,8 +179,16 @@ def to_model_range(images: Tensor) -> Tensor:
     return (images.to(torch.float64) / 127.5 - 1.0).to(torch.float32)
 
 
+def _v2():
+    """torchvision's transforms, imported on first use: the import costs ~2 s, which every CLI call would pay."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    return v2, InterpolationMode
+
+
 def to_tensor_transform() -> Callable[[Image.Image], Tensor]:
     """PIL RGB image -> float (3, H, W) in [-1, 1], no resizing (the ``original`` evaluation protocol)."""
+    v2, _ = _v2()
     return v2.Compose([v2.PILToTensor(), to_model_range])
 
 
@@ -191,6 +198,7 @@ def eval_transform(size: int) -> Callable[[Image.Image], Tensor]:
     This is torchvision ``Resize(size) + CenterCrop(size)`` on the PIL image, as in the official evaluation;
     the result is float (3, size, size) in [-1, 1].
     """
+    v2, InterpolationMode = _v2()
     return v2.Compose(
         [
             v2.Resize(size, interpolation=InterpolationMode.BILINEAR, antialias=True),
@@ -206,6 +214,7 @@ def train_transform(size: int, *, hflip: bool = False) -> Callable[[Image.Image]
 
     Randomness comes from torch's global generator (seeded per DataLoader worker by PyTorch).
     """
+    v2, InterpolationMode = _v2()
     steps: list[Callable] = [
         v2.Resize(size, interpolation=InterpolationMode.BILINEAR, antialias=True),
         v2.RandomCrop(size),

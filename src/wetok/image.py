@@ -21,7 +21,7 @@ def pil_to_tensor(image: Image.Image) -> Tensor:
     official truncating uint8 conversion sees exactly the same values.
     """
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return (torch.from_numpy(array.copy()).permute(2, 0, 1).double() / 127.5 - 1.0).float()
+    return (torch.from_numpy(array.copy()).permute(2, 0, 1).double() / 127.5 - 1.0).float().contiguous()
 
 
 def to_uint8(images: Tensor) -> Tensor:
