@@ -146,18 +146,25 @@ def test_winograd_convolution_matches_float64(monkeypatch):
     g = torch.Generator().manual_seed(0)
     conv = torch.nn.Conv2d(128, 160, 3, padding=1)
     conv.__class__ = WinogradConv2d
-    x = torch.randn(2, 128, 32, 40, generator=g)
+    x = torch.randn(2, 128, 48, 56, generator=g)  # 128 channels x 2688 pixels >= MIN_WORK: Winograd
+    small = torch.randn(1, 128, 16, 16, generator=g)  # below MIN_WORK: oneDNN with a channels_last weight copy
     calls = []
     original = torch._nnpack_spatial_convolution
     monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *a: calls.append(1) or original(*a))
+    def direct(t):
+        return torch.nn.functional.conv2d(t.double(), conv.weight.double(), conv.bias.double(), padding=1)
     with torch.no_grad():
-        ref = torch.nn.functional.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+        ref, ref_small = direct(x), direct(small)
         out = conv(x)
-    assert len(calls) == 2 and out.shape == ref.shape  # one call per image
-    # Winograd F(6x6, 3x3) rounding: not bit-identical to a direct convolution, but within float32 tolerance
-    assert (out.double() - ref).abs().max() / ref.abs().max() < 5e-5
+        assert len(calls) == 2 and out.shape == ref.shape  # one call per image
+        # Winograd F(6x6, 3x3) rounding: not bit-identical to a direct convolution, but within float32 tolerance
+        assert (out.double() - ref).abs().max() / ref.abs().max() < 5e-5
+        assert torch.allclose(conv(small).double(), ref_small, atol=1e-5) and len(calls) == 2
     with torch.enable_grad():  # autograd takes the ordinary convolution
         assert torch.allclose(conv(x), ref.float(), atol=1e-4) and conv(x).requires_grad
+    with torch.no_grad():
+        conv.weight.mul_(2)  # the channels_last copy follows changes of the weight
+        assert torch.allclose(conv(small).double(), direct(small), atol=1e-5)
 
 
 @needs_nnpack

@@ -12,11 +12,12 @@ What is always on, because outputs stay bit-identical: without autograd the bloc
 (in-place SiLU, residual add and modulation, see :func:`wetok.blocks.no_autograd`), which removes about half of
 the activation-sized allocations. What :func:`optimize` adds, each measured in ``benchmarks/bench_inference.py``:
 
-* ``winograd`` (CPU, float32): the wide (>= 128 channels) 3x3 stride-1 convolutions on maps of at least 32x32
-  run through NNPACK's Winograd F(6x6, 3x3) kernels (``torch._nnpack_spatial_convolution``, shipped with PyTorch;
-  one image at a time, NCHW), 1.2-1.6x fewer cycles than oneDNN's direct convolution, which already runs these
-  layers at the core's FMA peak. Winograd rounds differently: on the official f = 16 model outputs move by
-  ~5e-5 (max abs), like choosing another cuDNN algorithm.
+* ``winograd`` (CPU, float32): the wide 3x3 stride-1 convolutions (>= 128 channels, and channels x pixels
+  >= 2^18, e.g. 256 channels at 32x32) run through NNPACK's Winograd F(6x6, 3x3) kernels
+  (``torch._nnpack_spatial_convolution``, shipped with PyTorch; one image at a time, NCHW), 1.2-1.6x fewer
+  cycles than oneDNN's direct convolution, which already runs these layers at the core's FMA peak. Winograd
+  rounds differently: on the official f = 16 model outputs move by ~5e-5 (max abs), like choosing another cuDNN
+  algorithm.
 * ``channels_last`` weights for the other convolutions, so they and the GroupNorms run NHWC (the layout oneDNN
   and cuDNN prefer) without reorders; float32 outputs differ from NCHW by summation order only (~1e-6).
 * ``dtype``: bfloat16 (or float16 on GPUs) weights and activations. The quantizer always sees a float32 latent
@@ -41,7 +42,15 @@ from torch import Tensor, nn
 
 from .model import WeTok
 
-__all__ = ["DTYPES", "WinogradConv2d", "has_native_bf16", "inference", "optimize", "resolve_dtype"]
+__all__ = [
+    "DTYPES",
+    "WinogradConv2d",
+    "has_native_bf16",
+    "inference",
+    "nnpack_available",
+    "optimize",
+    "resolve_dtype",
+]
 
 #: Names accepted for ``dtype`` (``"auto"`` is resolved by :func:`resolve_dtype`).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -92,13 +101,15 @@ def nnpack_available() -> bool:
 
 class WinogradConv2d(nn.Conv2d):
     """A 3x3, stride-1, padding-1 :class:`~torch.nn.Conv2d` that runs NNPACK's Winograd kernels for float32 CPU
-    inference on maps of at least ``MIN_PIXELS``, and the ordinary convolution otherwise (autograd, other dtypes
-    or devices, small maps). Same parameters, so :func:`optimize` swaps the class of existing layers that have at
-    least ``MIN_CHANNELS`` input and output channels.
+    inference when in_channels x pixels >= ``MIN_WORK``, and the ordinary convolution otherwise (autograd, other
+    dtypes or devices, small maps). Same parameters, so :func:`optimize` swaps the class of existing layers that
+    have at least ``MIN_CHANNELS`` input and output channels. Its weight stays NCHW (what NNPACK reads); for
+    small maps it keeps a channels_last copy (rebuilt if the weight changes), so oneDNN does not convert the
+    weight on every call.
     """
 
     #: Below these oneDNN's direct channels_last convolution is as fast or faster (one core, official widths).
-    MIN_PIXELS = 32 * 32
+    MIN_WORK = 1 << 18
     MIN_CHANNELS = 128
 
     def forward(self, x: Tensor) -> Tensor:
@@ -108,15 +119,24 @@ class WinogradConv2d(nn.Conv2d):
             or x.dtype != torch.float32
             or self.weight.dtype != torch.float32
             or x.dim() != 4
-            or x.shape[-1] * x.shape[-2] < self.MIN_PIXELS
         ):
             return super().forward(x)
+        if self.in_channels * x.shape[-1] * x.shape[-2] < self.MIN_WORK:
+            return self._conv_forward(x, self._channels_last_weight(), self.bias)
         weight = self.weight.contiguous()
         # NNPACK's batched entry point is slower than oneDNN and fails on some shapes; its single-image
         # ("inference") entry point is the fast one, so images go one at a time.
         outs = [torch._nnpack_spatial_convolution(x[i : i + 1].contiguous(), weight, self.bias, [1, 1], [1, 1])
                 for i in range(x.shape[0])]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _channels_last_weight(self) -> Tensor:
+        key = (self.weight.data_ptr(), self.weight._version)
+        cached = self.__dict__.get("_channels_last_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.weight.detach().contiguous(memory_format=torch.channels_last))
+            self.__dict__["_channels_last_cache"] = cached
+        return cached[1]
 
 
 def _winograd_eligible(module: nn.Module) -> bool:
