@@ -1,17 +1,18 @@
 """Encode + decode speed: wetok's fast path against the plain official-style forward, in the same process.
 
-Model: a preset with random weights (seed 0); input: ``--batch`` real photos (BSDS val, centre crop, bicubic
+Model: a preset with random weights (seed 0), or ``--checkpoint`` (a ``wetok train`` checkpoint); input: ``--batch`` real photos (BSDS val, centre crop, bicubic
 resize to ``--size``). One timed call = ``model.encode(images)`` then ``model.decode(tokens)`` (or the plain
 equivalent). Variants (``--variants``, comma-separated):
 
 * ``plain``: the baseline, :mod:`plain` (eager, contiguous NCHW float32, separate out-of-place GroupNorm / SiLU /
   add, ``torch.no_grad``), the way the official code runs;
 * ``fast``: ``wetok.fast.optimize(model, dtype="float32")`` under ``wetok.fast.inference()``: its defaults on
-  the CPU, NNPACK Winograd for the large 3x3 convolutions, NCHW;
+  the CPU, NNPACK Winograd for the wide 3x3 convolutions, channels_last for the others;
 * ``fast-cl``: float32 with channels_last and oneDNN's direct convolutions (``winograd=False``);
 * ``fast-nchw``: float32, NCHW, direct convolutions: what in-place blocks + inference_mode alone give;
 * ``bf16``: ``optimize(model, dtype="bfloat16")``: bfloat16 encoder and decoder, float32 quantizer;
-* ``compile``, ``compile-bf16``: the same with ``compile=True`` (torch.compile; compiling happens in the warm-up).
+* ``compile``, ``compile-nchw``, ``compile-bf16``: ``compile=True`` (torch.compile; compiling happens in the
+  warm-up) with channels_last, without it, and in bfloat16.
 
 Every variant runs once to warm up (its outputs are the accuracy figures), then ``--reps`` timed rounds,
 interleaved (ABCABC...) so that load from other processes hits all variants alike; the table gives the median and
@@ -47,14 +48,23 @@ VARIANTS = {  # name -> optimize() keyword arguments
     "fast-nchw": dict(dtype="float32", channels_last=False, winograd=False),
     "bf16": dict(dtype="bfloat16", channels_last=True),
     "compile": dict(dtype="float32", channels_last=True, compile=True),
+    "compile-nchw": dict(dtype="float32", channels_last=False, compile=True),
     "compile-bf16": dict(dtype="bfloat16", channels_last=True, compile=True),
 }
 
 
-def build(preset: str, names: list[str]) -> tuple[dict[str, Callable], dict[str, Callable]]:
-    """Per variant: a function images -> (latent, indices, reconstruction) and one indices -> images."""
+def load_base(preset: str, checkpoint: str | None) -> WeTok:
+    """The preset with random weights (seed 0), or the EMA weights of a ``wetok train`` checkpoint."""
+    if checkpoint:
+        from wetok.train.module import load_training_checkpoint, model_from_checkpoint
+
+        return model_from_checkpoint(load_training_checkpoint(checkpoint)).eval().requires_grad_(False)
     torch.manual_seed(0)
-    base = WeTok.from_preset(preset).eval().requires_grad_(False)
+    return WeTok.from_preset(preset).eval().requires_grad_(False)
+
+
+def build(base: WeTok, names: list[str]) -> tuple[dict[str, Callable], dict[str, Callable]]:
+    """Per variant: a function images -> (latent, indices, reconstruction) and one indices -> images."""
     cfg = base.config
     # the baseline reads the (contiguous float32) parameters of `base`; `fast-nchw` optimises `base` in place,
     # which changes no parameter, and every other variant works on its own copy
@@ -89,6 +99,8 @@ def build(preset: str, names: list[str]) -> tuple[dict[str, Callable], dict[str,
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="ImageNet_downsample16")
+    p.add_argument("--checkpoint", default=None,
+                   help="a `wetok train` checkpoint (its EMA weights) instead of the random-weight preset")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
@@ -108,9 +120,11 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     print(machine())
     x = load_images(args.images, args.batch, args.size)
-    runs, decoders = build(args.preset, names)
-    print(f"{args.preset} ({sum(p.numel() for p in WeTok.from_preset(args.preset).parameters()) / 1e6:.0f}M "
-          f"parameters), batch {args.batch} at {args.size}x{args.size}, warm-up then {args.reps} interleaved rounds")
+    base = load_base(args.preset, args.checkpoint)
+    name = f"{base.config.name} from {args.checkpoint}" if args.checkpoint else f"{args.preset} (random weights)"
+    print(f"{name}, {sum(p.numel() for p in base.parameters()) / 1e6:.0f}M parameters, batch {args.batch} at "
+          f"{args.size}x{args.size}, warm-up then {args.reps} interleaved rounds")
+    runs, decoders = build(base, names)
     outputs = {}
     for name, run in runs.items():
         outputs[name] = run(x)

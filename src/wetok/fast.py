@@ -22,12 +22,19 @@ the activation-sized allocations. What :func:`optimize` adds, each measured in `
   and cuDNN prefer) without reorders; float32 outputs differ from NCHW by summation order only (~1e-6).
 * ``dtype``: bfloat16 (or float16 on GPUs) weights and activations. The quantizer always sees a float32 latent
   and decoders return float32 images. ``"auto"`` picks bfloat16 where the hardware has native bf16 arithmetic
-  (CUDA with bf16 support; x86 CPUs with AVX512-BF16 or AMX) and float32 elsewhere. bfloat16 moves values near
-  zero across the sign threshold, so about 1% of token bits differ from a float32 encode of random-weight
-  models; decoding the same tokens agrees to ~48 dB PSNR.
+  (CUDA with bf16 support; x86 CPUs with AVX512-BF16 or AMX) and float32 elsewhere. Decoding the same tokens
+  in bfloat16 agrees with float32 to ~48 dB PSNR. Encoding moves latents that lie near zero across the sign
+  threshold: with random weights, whose latents crowd around zero, ~1% of token bits (5-8% of tokens) differ
+  from a float32 encode; trained encoders push latents away from zero (commitment loss), and a latent farther
+  than bfloat16's error from zero never flips.
 * ``compile``: ``torch.compile`` of the encoder and decoder (Inductor; on the CPU with weight freezing, which
   fuses GroupNorm + SiLU and pre-packs the convolution weights). The first call per input shape compiles
-  (minutes for the official models on a small CPU).
+  (minutes for the official models on a small CPU). On the 2-core AVX-512 CPU of BENCHMARKS.md it is *slower*
+  than the eager fast path (Inductor's GroupNorm reductions over channels_last maps with 1-8 channels per group
+  are poorly vectorised), so it is off by default; it is the option for GPUs.
+
+The command line maps ``--device`` / ``--dtype`` / ``--compile`` onto :func:`optimize` and runs under
+:func:`inference`.
 """
 
 from __future__ import annotations
