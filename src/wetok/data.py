@@ -38,6 +38,7 @@ __all__ = [
     "folder_labels",
     "load_rgb",
     "to_model_range",
+    "to_rgb",
     "to_tensor_transform",
     "train_transform",
 ]
@@ -120,7 +121,7 @@ def folder_labels(paths: Sequence[str | Path], root: str | Path) -> tuple[list[i
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB.
 
     * 16/32-bit integer greyscale ("I", "I;16*") is taken as 16-bit and scaled by 255/65535 with rounding;
@@ -150,7 +151,7 @@ def load_rgb(path: str | Path) -> Image.Image:
 
     Raises :class:`InputError` (naming the file) if it is missing, not an image, corrupt, truncated, or larger
     than Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, left at its default here).
-    Animated images give their first frame. See :func:`_to_rgb` for how other modes become RGB.
+    Animated images give their first frame. See :func:`to_rgb` for how other modes become RGB.
     """
     path = Path(path)
     if not path.is_file():
@@ -159,7 +160,7 @@ def load_rgb(path: str | Path) -> Image.Image:
         with Image.open(path) as opened:
             opened.load()
             image = ImageOps.exif_transpose(opened)
-            return _to_rgb(image)
+            return to_rgb(image)
     except Image.DecompressionBombError as err:
         raise InputError(path, f"image too large to decode safely ({err})") from err
     except Exception as err:  # noqa: BLE001  Pillow plugins raise many types on corrupt data; all mean "unreadable"

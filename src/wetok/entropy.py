@@ -162,6 +162,11 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
+def all_reduce_sum(tensor: Tensor, group: object = None) -> Tensor:
+    """Sum ``tensor`` over the processes of ``group``; the gradient is summed over processes as well."""
+    return _AllReduceSum.apply(tensor, group)
+
+
 def batch_distributions(
     latents: Tensor,
     groups: int,
@@ -217,7 +222,7 @@ def batch_distributions(
         if _is_distributed(distributed):
             names = list(sums)
             packed = torch.cat([sums[n].reshape(-1) for n in names] + [count.reshape(1)])
-            packed = _AllReduceSum.apply(packed, process_group)
+            packed = all_reduce_sum(packed, process_group)
             count = packed[-1].detach()
             pieces = packed[:-1].split([sums[n].numel() for n in names])
             sums = {n: p.view_as(sums[n]) for n, p in zip(names, pieces, strict=True)}

@@ -94,10 +94,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and _distributed()):
             return super().forward(x)
-        from .entropy import _AllReduceSum  # sum over processes, gradient summed too (not deprecated API)
-
-        def all_reduce(t: Tensor) -> Tensor:
-            return _AllReduceSum.apply(t, None)
+        from .entropy import all_reduce_sum as all_reduce
 
         count = torch.tensor([x.shape[0] * x.shape[2] * x.shape[3]], dtype=x.dtype, device=x.device)
         total = all_reduce(torch.cat([x.sum(dim=(0, 2, 3)), count]))

@@ -34,7 +34,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..data import _to_rgb
+from ..data import to_rgb
 from ..errors import InputError
 from .data import CropSpec, FilteredOut, collate, sample_rng
 
@@ -95,7 +95,7 @@ def read_shard_index(shard: str) -> list[tuple[str, tarfile.TarInfo]]:
 def _decode(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as opened:
         opened.load()
-        return _to_rgb(ImageOps.exif_transpose(opened))
+        return to_rgb(ImageOps.exif_transpose(opened))
 
 
 def _perm(n: int, *key: int) -> list[int]:
