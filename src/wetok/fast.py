@@ -193,6 +193,8 @@ def optimize(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if winograd:
+        if compile:
+            raise ValueError("winograd=True does not combine with compile=True (Inductor has no NNPACK lowering)")
         if not nnpack_available():
             raise RuntimeError("winograd=True needs NNPACK, which this PyTorch build lacks")
         for module in model.modules():
