@@ -1,6 +1,6 @@
 """Encode + decode speed: wetok's fast path against the plain official-style forward, in the same process.
 
-Model: a preset with random weights (seed 0), or ``--checkpoint`` (a ``wetok train`` checkpoint); input: ``--batch`` real photos (BSDS val, centre crop, bicubic
+Model: a preset with random weights (seed 0), or ``--checkpoint`` (trained weights); input: ``--batch`` real photos (BSDS val, centre crop, bicubic
 resize to ``--size``). One timed call = ``model.encode(images)`` then ``model.decode(tokens)`` (or the plain
 equivalent). Variants (``--variants``, comma-separated):
 
@@ -54,7 +54,9 @@ VARIANTS = {  # name -> optimize() keyword arguments
 
 
 def load_base(preset: str, checkpoint: str | None) -> WeTok:
-    """The preset with random weights (seed 0), or the EMA weights of a ``wetok train`` checkpoint."""
+    """The preset with random weights (seed 0), a native model directory, or a ``wetok train`` checkpoint (EMA)."""
+    if checkpoint and Path(checkpoint).is_dir():
+        return WeTok.from_pretrained(checkpoint).eval().requires_grad_(False)
     if checkpoint:
         from wetok.train.module import load_training_checkpoint, model_from_checkpoint
 
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="ImageNet_downsample16")
     p.add_argument("--checkpoint", default=None,
-                   help="a `wetok train` checkpoint (its EMA weights) instead of the random-weight preset")
+                   help="a native model directory (e.g. src/wetok/weights/default, the bundled trained model) or a "
+                   "`wetok train` checkpoint (its EMA weights) instead of the random-weight preset")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)

@@ -92,5 +92,6 @@ def plain_decode(sd: dict[str, Tensor], cfg: WeTokConfig, indices: Tensor) -> Te
     """Indices (B, h, w, g) -> images (B, 3, H, W), deterministic decoder."""
     b, h, w, g = indices.shape
     bits = (indices.unsqueeze(-1) >> torch.arange(cfg.bits_per_group)) & 1
-    codes = torch.where(bits.bool(), 1.0, -1.0).reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
+    codes = torch.where(bits.bool(), 1.0, -1.0).to(sd["decoder.conv_in.weight"].dtype)
+    codes = codes.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
     return plain_decoder(sd, cfg, codes)

@@ -18,8 +18,10 @@ the activation-sized allocations. What :func:`optimize` adds, each measured in `
   cycles than oneDNN's direct convolution, which already runs these layers at the core's FMA peak. Winograd
   rounds differently: on the official f = 16 model outputs move by ~5e-5 (max abs), like choosing another cuDNN
   algorithm.
-* ``channels_last`` weights for the other convolutions, so they and the GroupNorms run NHWC (the layout oneDNN
-  and cuDNN prefer) without reorders; float32 outputs differ from NCHW by summation order only (~1e-6).
+* ``channels_last`` weights for the other convolutions, so they run NHWC (the layout oneDNN and cuDNN prefer)
+  without reorders. In float32 on the CPU the GroupNorms still see NCHW (:class:`NCHWGroupNorm`): PyTorch's
+  channels_last CPU kernel takes the variance as E[x^2] - E[x]^2 and loses float32 precision when a group's mean
+  is large against its spread (4e-4 error at mean/std = 10, 3e-2 at 100), which trained models reach.
 * ``dtype``: bfloat16 (or float16 on GPUs) weights and activations. The quantizer always sees a float32 latent
   and decoders return float32 images. ``"auto"`` picks bfloat16 where the hardware has native bf16 arithmetic
   (CUDA with bf16 support; x86 CPUs with AVX512-BF16 or AMX) and float32 elsewhere. Decoding the same tokens
@@ -51,6 +53,7 @@ from .model import WeTok
 
 __all__ = [
     "DTYPES",
+    "NCHWGroupNorm",
     "WinogradConv2d",
     "has_native_bf16",
     "inference",
@@ -146,6 +149,17 @@ class WinogradConv2d(nn.Conv2d):
         return cached[1]
 
 
+class NCHWGroupNorm(nn.GroupNorm):
+    """A :class:`~torch.nn.GroupNorm` that normalises float32 CPU inputs in NCHW layout (a copy when they are
+    channels_last), where PyTorch's kernel computes the variance stably. Same parameters; :func:`optimize` swaps
+    the class of existing layers."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.float32 and not x.is_contiguous():
+            x = x.contiguous()
+        return super().forward(x)
+
+
 def _winograd_eligible(module: nn.Module) -> bool:
     return (
         type(module) is nn.Conv2d
@@ -192,6 +206,10 @@ def optimize(
         winograd = param.device.type == "cpu" and compute == torch.float32 and not compile and nnpack_available()
     if channels_last:
         model.to(memory_format=torch.channels_last)
+        if param.device.type == "cpu" and compute == torch.float32:
+            for module in model.modules():
+                if type(module) is nn.GroupNorm:
+                    module.__class__ = NCHWGroupNorm
     if winograd:
         if compile:
             raise ValueError("winograd=True does not combine with compile=True (Inductor has no NNPACK lowering)")
