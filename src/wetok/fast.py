@@ -27,8 +27,8 @@ the activation-sized allocations. What :func:`optimize` adds, each measured in `
   (CUDA with bf16 support; x86 CPUs with AVX512-BF16 or AMX) and float32 elsewhere. Decoding the same tokens
   in bfloat16 agrees with float32 to ~48 dB PSNR. Encoding moves latents that lie near zero across the sign
   threshold: with random weights, whose latents crowd around zero, ~1% of token bits (5-8% of tokens) differ
-  from a float32 encode; trained encoders push latents away from zero (commitment loss), and a latent farther
-  than bfloat16's error from zero never flips.
+  from a float32 encode; trained encoders push latents away from zero (commitment loss): with the bundled
+  model 99% of tokens agree and whole reconstructions agree with float32 to ~48 dB PSNR.
 * ``compile``: ``torch.compile`` of the encoder and decoder (Inductor; on the CPU with weight freezing, which
   fuses GroupNorm + SiLU and pre-packs the convolution weights). The first call per input shape compiles
   (minutes for the official models on a small CPU). On the 2-core AVX-512 CPU of BENCHMARKS.md it is *slower*
@@ -42,6 +42,7 @@ The command line maps ``--device`` / ``--dtype`` / ``--compile`` onto :func:`opt
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,6 +102,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str = 
     return DTYPES[dtype]
 
 
+@functools.cache
 def nnpack_available() -> bool:
     """Whether this PyTorch build has NNPACK (calling this also initialises it, which NNPACK needs first)."""
     try:
@@ -131,13 +133,16 @@ class WinogradConv2d(nn.Conv2d):
             or x.dim() != 4
         ):
             return super().forward(x)
-        if self.in_channels * x.shape[-1] * x.shape[-2] < self.MIN_WORK:
+        if self.in_channels * x.shape[-1] * x.shape[-2] < self.MIN_WORK or not nnpack_available():
             return self._conv_forward(x, self._channels_last_weight(), self.bias)
         weight = self.weight.contiguous()
         # NNPACK's batched entry point is slower than oneDNN and fails on some shapes; its single-image
         # ("inference") entry point is the fast one, so images go one at a time.
-        outs = [torch._nnpack_spatial_convolution(x[i : i + 1].contiguous(), weight, self.bias, [1, 1], [1, 1])
-                for i in range(x.shape[0])]
+        try:
+            outs = [torch._nnpack_spatial_convolution(x[i : i + 1].contiguous(), weight, self.bias, [1, 1], [1, 1])
+                    for i in range(x.shape[0])]
+        except RuntimeError:  # NNPACK reports no reason; the direct convolution computes the same function
+            return self._conv_forward(x, self._channels_last_weight(), self.bias)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _channels_last_weight(self) -> Tensor:
