@@ -12,8 +12,8 @@ What is always on, because outputs stay bit-identical: without autograd the bloc
 (in-place SiLU, residual add and modulation, see :func:`wetok.blocks.no_autograd`), which removes about half of
 the activation-sized allocations. What :func:`optimize` adds, each measured in ``benchmarks/bench_inference.py``:
 
-* ``winograd`` (CPU, float32): the wide 3x3 stride-1 convolutions (>= 128 channels, and channels x pixels
-  >= 2^18, e.g. 256 channels at 32x32) run through NNPACK's Winograd F(6x6, 3x3) kernels
+* ``winograd`` (CPU, float32): the wide 3x3 stride-1 convolutions (>= 128 channels, channels x pixels
+  >= 2^18, and with several threads large enough maps, see :class:`WinogradConv2d`) run through NNPACK's Winograd F(6x6, 3x3) kernels
   (``torch._nnpack_spatial_convolution``, shipped with PyTorch; one image at a time, NCHW), 1.2-1.6x fewer
   cycles than oneDNN's direct convolution, which already runs these layers at the core's FMA peak. Winograd
   rounds differently: on the official f = 16 model outputs move by ~5e-5 (max abs), like choosing another cuDNN
@@ -114,16 +114,19 @@ def nnpack_available() -> bool:
 
 class WinogradConv2d(nn.Conv2d):
     """A 3x3, stride-1, padding-1 :class:`~torch.nn.Conv2d` that runs NNPACK's Winograd kernels for float32 CPU
-    inference when in_channels x pixels >= ``MIN_WORK``, and the ordinary convolution otherwise (autograd, other
-    dtypes or devices, small maps). Same parameters, so :func:`optimize` swaps the class of existing layers that
+    inference when in_channels x pixels >= ``MIN_WORK`` and the map has ``PIXELS_PER_EXTRA_THREAD`` pixels for
+    every torch thread beyond the first, and the ordinary convolution otherwise (autograd, other dtypes or
+    devices, small maps). Same parameters, so :func:`optimize` swaps the class of existing layers that
     have at least ``MIN_CHANNELS`` input and output channels. Its weight stays NCHW (what NNPACK reads); for
     small maps it keeps a channels_last copy (rebuilt if the weight changes), so oneDNN does not convert the
     weight on every call.
     """
 
-    #: Below these oneDNN's direct channels_last convolution is as fast or faster (one core, official widths).
+    #: Below these oneDNN's direct channels_last convolution is as fast or faster (official widths, measured on
+    #: 1 and 2 cores: NNPACK splits a map into 6x6 tiles among threads and scales poorly on small maps).
     MIN_WORK = 1 << 18
     MIN_CHANNELS = 128
+    PIXELS_PER_EXTRA_THREAD = 2048
 
     def forward(self, x: Tensor) -> Tensor:
         if (
@@ -134,7 +137,12 @@ class WinogradConv2d(nn.Conv2d):
             or x.dim() != 4
         ):
             return super().forward(x)
-        if self.in_channels * x.shape[-1] * x.shape[-2] < self.MIN_WORK or not nnpack_available():
+        pixels = x.shape[-1] * x.shape[-2]
+        if (
+            self.in_channels * pixels < self.MIN_WORK
+            or pixels < self.PIXELS_PER_EXTRA_THREAD * (torch.get_num_threads() - 1)
+            or not nnpack_available()
+        ):
             return self._conv_forward(x, self._channels_last_weight(), self.bias)
         weight = self.weight.contiguous()
         # NNPACK's batched entry point is slower than oneDNN and fails on some shapes; its single-image
