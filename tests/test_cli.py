@@ -327,3 +327,31 @@ def test_one_output_file_for_several_inputs_is_refused(tmp_path):
     check_output(tmp_path / "folder", 3, TOKEN_SUFFIXES)
     with pytest.raises(InputError, match="a.json: names one file, but there are 2 inputs"):
         check_output(tmp_path / "a.json", 2, TOKEN_SUFFIXES)
+
+
+# ------------------------------------------------------------------------------------------------ fast path
+def test_commands_run_the_fast_path_by_default_and_the_plain_model_with_no_fast(tiny):
+    """In process: the model the image commands load goes through wetok.fast.optimize unless --no-fast, and the
+    two give the same tokens and reconstructions within 1e-4 (the plain one is the library's own model)."""
+    from wetok.cli import common
+    from wetok.cli.main import build_parser
+    from wetok.fast import StableGroupNorm
+
+    parser = build_parser()
+    fast, _ = common.load_model_from_args(parser.parse_args(["reconstruct", "x", "-o", "y", *TINY]))
+    plain, _ = common.load_model_from_args(parser.parse_args(["reconstruct", "x", "-o", "y", *TINY, "--no-fast"]))
+    assert fast.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert any(isinstance(m, StableGroupNorm) for m in fast.modules())
+    assert plain.encoder.conv_in.weight.is_contiguous()
+    assert not any(isinstance(m, StableGroupNorm) for m in plain.modules())
+    pixels = pil_to_tensor(Image.open(VAL / "101085.jpg").convert("RGB").crop((0, 0, 96, 64)))[None]
+    with torch.inference_mode():
+        tokens_fast, tokens_plain, tokens_lib = fast.encode(pixels), plain.encode(pixels), tiny.encode(pixels)
+        assert torch.equal(tokens_plain.indices, tokens_lib.indices)
+        assert torch.equal(tokens_fast.indices, tokens_plain.indices)
+        difference = (fast.decode(tokens_plain) - plain.decode(tokens_plain)).abs().max().item()
+    assert 0 < difference < 1e-4  # a different (channels_last) arithmetic, not the same code path
+    auto = parser.parse_args(["encode", "x", "-o", "y", "--dtype", "auto"])
+    assert auto.dtype == "auto" and not auto.compile
+    with pytest.raises(SystemExit):  # info builds nothing to run, so it has no speed options
+        parser.parse_args(["info", "--compile"])

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model_arg", nargs="?", metavar="MODEL", help="the model (same forms as --model)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    common.add_model_options(p)
+    common.add_model_options(p, speed=False)
     common.add_run_options(p, tile=False)
     p.set_defaults(func=run)
 

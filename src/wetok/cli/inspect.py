@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("tokens", metavar="TOKENS", help="a .json or .wtok token file")
     p.add_argument("-o", "--output", required=True, help="output image, e.g. map.png")
-    common.add_model_options(p)
+    common.add_model_options(p, speed=False)
     common.add_run_options(p, tile=False)
     p.set_defaults(func=run)
 
