@@ -1,6 +1,6 @@
 """One training step of the ``cpu-small`` recipe: the training engine against a straightforward loop, same process.
 
-The recipe (configs/train/cpu-small.yaml): the small-f8 tokenizer on 128 px crops, batch 4, L1 + the quantizer's
+The recipe (configs/train/cpu-small.yaml): the small-f8 tokenizer on 128 px crops, batch 8, L1 + the quantizer's
 entropy / commitment loss, GAN off (its ``gan_start`` lies past the run). ``--gan`` switches the GAN on from step 0,
 so that a step is a full G + D step (PatchGAN, non-saturating G loss x 0.1, hinge + LeCam D loss).
 
@@ -13,7 +13,7 @@ so that a step is a full G + D step (PatchGAN, non-saturating G loss x 0.1, hing
 * ``engine-bf16-cl``: bf16-mixed with the generator and discriminator stored channels_last (to show why the
   fast path keeps NCHW for training: GroupNorm's backward pass is 3-15x slower on channels_last tensors).
 
-Each variant trains its own copy from the same initial weights on the same fixed batch (4 centre crops of
+Each variant trains its own copy from the same initial weights on the same fixed batch (the recipe's 8 centre crops of
 BSDS val photos); one warm-up step each, then ``--reps`` interleaved rounds (ABCD...). CPU time of the process is
 reported beside wall time (with ``--threads 1`` it is the work done, whatever the load from other processes).
 

@@ -5,6 +5,7 @@ test_train_resume.py."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,9 @@ def test_run_writes_checkpoints_logs_images_and_ema(stage1):
 def test_export_writes_the_ema_weights(stage1, tmp_path):
     root, _, last = stage1
     assert cli_main(["export", str(root / "run"), "-o", str(tmp_path / "model")]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
     model = WeTok.from_pretrained(tmp_path / "model")
     ema = {k.removeprefix("module."): v for k, v in load_training_checkpoint(last)["ema"].items() if k.startswith("module.")}
     assert max_abs_diff(model.state_dict(), ema) == 0.0

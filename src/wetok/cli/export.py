@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import InputError
+from ..tokens import current_umask
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,6 +44,7 @@ def export(checkpoint: str | Path, output: str | Path, *, ema: bool = True) -> P
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700 folders; give the usual permissions
         model.save_pretrained(tmp)
         if output.is_dir():
             output.rmdir()
