@@ -62,7 +62,7 @@ def add_model_options(p: argparse.ArgumentParser, *, speed: bool = True) -> None
     g.add_argument("--no-fast", dest="fast", action="store_false",
                    help="run the plain eager model: no channels_last, no Winograd convolutions. Outputs are then "
                    "bit-identical to WeTok.encode / decode of a freshly loaded model; the default fast path "
-                   "(wetok.fast.optimize) differs from them by < 1e-4 and gives the same tokens")
+                   "(wetok.fast.optimize) differs from them by < 1e-4 (tokens were identical in every measurement)")
 
 
 def add_run_options(p: argparse.ArgumentParser, *, tile: bool = True) -> None:
