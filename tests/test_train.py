@@ -234,6 +234,13 @@ def test_export_writes_the_ema_weights(stage1, tmp_path):
     model = WeTok.from_pretrained(tmp_path / "model")
     ema = {k.removeprefix("module."): v for k, v in load_training_checkpoint(last)["ema"].items() if k.startswith("module.")}
     assert max_abs_diff(model.state_dict(), ema) == 0.0
+    # the checkpoints/last pointer names the same checkpoint
+    assert cli_main(["export", str(root / "run" / "checkpoints" / "last"), "-o", str(tmp_path / "via-last")]) == 0
+    assert max_abs_diff(WeTok.from_pretrained(tmp_path / "via-last").state_dict(), ema) == 0.0
+    (tmp_path / "dangling").mkdir()
+    (tmp_path / "dangling" / "last").write_text("step-00000099.pt\n")
+    assert cli_main(["export", str(tmp_path / "dangling" / "last"), "-o", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
 
 
 def test_stage2_decoder_equals_stage1_decoder_at_init(stage1):

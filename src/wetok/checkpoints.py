@@ -347,8 +347,8 @@ def load_model(
     """Resolve what a user passes as ``--model``.
 
     ``None`` or ``"default"``: the model bundled in the package. ``official:<name>``: download an official
-    checkpoint. A ``.pt`` file: a ``wetok train`` checkpoint (its EMA weights). A ``.ckpt`` file: an official checkpoint (``config`` = its YAML or a preset name; defaults to the
-    preset named like the checkpoint's folder). A directory: the native format. A preset name: a randomly
+    checkpoint. A ``.pt`` file: a ``wetok train`` checkpoint (its EMA weights). A ``.ckpt`` file: an official
+    checkpoint; ``config`` (its YAML or a preset name) is required. A directory: the native format. A preset name: a randomly
     initialised model of that configuration. Anything else of the form ``owner/name``: a Hub repo id.
     """
     spec = "default" if spec is None else str(spec)

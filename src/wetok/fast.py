@@ -36,8 +36,9 @@ the activation-sized allocations. What :func:`optimize` adds, each measured in `
   than the eager fast path (Inductor's GroupNorm reductions over channels_last maps with 1-8 channels per group
   are poorly vectorised), so it is off by default; it is the option for GPUs.
 
-The command line maps ``--device`` / ``--dtype`` / ``--compile`` onto :func:`optimize` and runs under
-:func:`inference`.
+The command line (``encode``, ``decode``, ``reconstruct``, ``eval``) maps ``--device`` / ``--dtype`` /
+``--compile`` onto :func:`optimize` (``--no-fast`` skips it) and runs without autograd (``inference_mode``;
+``eval`` under ``torch.no_grad``).
 """
 
 from __future__ import annotations

@@ -61,7 +61,8 @@ def add_model_options(p: argparse.ArgumentParser, *, speed: bool = True) -> None
                    "slower than the default fast path on small CPUs)")
     g.add_argument("--no-fast", dest="fast", action="store_false",
                    help="run the plain eager model: no channels_last, no Winograd convolutions. Outputs are then "
-                   "bit-identical to WeTok.encode / decode of a freshly loaded model; the default fast path "
+                   "bit-identical to WeTok.encode / decode of a freshly loaded model (given --tile 0: images over a "
+                   "megapixel are tiled by default); the default fast path "
                    "(wetok.fast.optimize) differs from them by < 1e-4 (tokens were identical in every measurement)")
 
 
