@@ -51,9 +51,7 @@ import base64
 import binascii
 import json
 import math
-import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +61,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._files import atomic_write
 from .errors import InputError, ModelMismatchError
 
 __all__ = [
@@ -161,28 +160,6 @@ def _model_name_bytes(model: str | None) -> bytes:
 
 
 # ----------------------------------------------------------------------------------------------------- writing
-def current_umask() -> int:
-    """The process umask (read by setting and restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path`` and rename it into place (no half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
-
-
 def _check_record(tf: TokenFile) -> None:
     if tf.indices.dim() != 4:
         raise ValueError(f"indices must be (B, h, w, g), got shape {tuple(tf.indices.shape)}")
@@ -254,7 +231,7 @@ def save_tokens(path: str | Path, tf: TokenFile, fmt: str | None = None) -> Path
     path = Path(path)
     fmt = format_for(path, fmt)
     data = to_wtok_bytes(tf) if fmt == "wtok" else json.dumps(to_json_dict(tf)).encode()
-    atomic_write_bytes(path, data)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
     return path
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import glob
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +21,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .._files import atomic_write
 from ..config import WeTokConfig
 from ..errors import InputError, WetokError
 from ..fast import DTYPES
 from ..image import PAD_MODES, pad_to_multiple, pil_to_tensor, tensor_to_pil, unpad
 from ..model import WeTok
-from ..tokens import current_umask
 
 #: Used when --model is not given and the package has no bundled default model yet.
 FALLBACK_MODEL = "tiny-f8"
@@ -276,15 +274,7 @@ def save_image(image: Image.Image, path: Path) -> None:
     """Save through a temporary file in the same folder, renamed into place."""
     if path.suffix.lower() not in IMAGE_OUTPUT_SUFFIXES:
         raise InputError(path, f"unsupported output image type (use one of {' '.join(IMAGE_OUTPUT_SUFFIXES)})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(path, image.save, suffix=path.suffix)
 
 
 # --------------------------------------------------------------------------------------------------- batch runs

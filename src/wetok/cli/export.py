@@ -7,8 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .._files import current_umask
 from ..errors import InputError
-from ..tokens import current_umask
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
