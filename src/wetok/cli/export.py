@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def export(checkpoint: str | Path, output: str | Path, *, ema: bool = True) -> Path:
     """Write the model of a training checkpoint (or of a run folder's last checkpoint) to ``output``."""
     from ..train.module import load_training_checkpoint, model_from_checkpoint
-    from ..train.run import latest_checkpoint
+    from ..train.run import LAST_POINTER, latest_checkpoint, pointed_checkpoint
 
     checkpoint, output = Path(checkpoint), Path(output)
     if checkpoint.is_dir():
@@ -35,6 +35,14 @@ def export(checkpoint: str | Path, output: str | Path, *, ema: bool = True) -> P
         if last is None:
             raise InputError(checkpoint, "holds no checkpoints/step-*.pt")
         checkpoint = last
+    elif checkpoint.name == LAST_POINTER and checkpoint.is_file():
+        pointer = checkpoint
+        try:
+            checkpoint = pointed_checkpoint(pointer)
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(pointer, f"is not a readable checkpoints/last pointer ({err})") from None
+        if not checkpoint.is_file():
+            raise InputError(pointer, f"points to {checkpoint.name}, which does not exist")
     model = model_from_checkpoint(load_training_checkpoint(checkpoint), ema=ema, source=checkpoint)
     if output.exists() and not output.is_dir():
         raise InputError(output, "exists and is not a folder")

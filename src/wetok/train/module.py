@@ -123,22 +123,10 @@ def build_discriminator(cfg: TrainConfig) -> PatchDiscriminator:
 
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by ``wetok train`` (tensors and plain Python values only).
-
-    ``path`` may also be a run's ``checkpoints/last`` pointer (a one-line text file naming the newest checkpoint).
-    """
+    """Read a checkpoint written by ``wetok train`` (tensors and plain Python values only)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "does not exist" if not path.exists() else "is not a file")
-    if path.name == "last" and path.stat().st_size < 1024:  # the pointer written by wetok.train.run
-        try:
-            target = path.parent / path.read_text(encoding="ascii").strip()
-        except (UnicodeDecodeError, ValueError):
-            target = None
-        if target is not None:
-            if not target.is_file():
-                raise InputError(path, f"points to {target.name}, which does not exist")
-            path = target
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated or foreign files raise various pickle/zip errors

@@ -64,12 +64,18 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * shape
 
 
+def pointed_checkpoint(pointer: str | Path) -> Path:
+    """The checkpoint a ``checkpoints/last`` pointer names (a one-line text file; the file may be gone)."""
+    pointer = Path(pointer)
+    return pointer.parent / pointer.read_text().strip()
+
+
 def latest_checkpoint(output: str | Path) -> Path | None:
     """The newest complete checkpoint of a run directory (the ``checkpoints/last`` pointer, else the highest step)."""
     folder = Path(output) / CHECKPOINT_DIR
     pointer = folder / LAST_POINTER
     if pointer.is_file():
-        candidate = folder / pointer.read_text().strip()
+        candidate = pointed_checkpoint(pointer)
         if candidate.is_file():
             return candidate
     found = sorted(folder.glob("step-*.pt"))
