@@ -241,6 +241,10 @@ def test_export_writes_the_ema_weights(stage1, tmp_path):
     (tmp_path / "dangling" / "last").write_text("step-00000099.pt\n")
     assert cli_main(["export", str(tmp_path / "dangling" / "last"), "-o", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+    (tmp_path / "garbage.pt").write_bytes(b"\xff\xfe not a checkpoint")
+    with pytest.raises(InputError, match="garbage.pt: cannot read training checkpoint") as caught:
+        load_training_checkpoint(tmp_path / "garbage.pt")
+    assert "\n" not in str(caught.value)  # one line, not torch's weights_only essay
 
 
 def test_stage2_decoder_equals_stage1_decoder_at_init(stage1):

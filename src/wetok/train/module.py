@@ -130,7 +130,11 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated or foreign files raise various pickle/zip errors
-        raise InputError(path, f"cannot read training checkpoint: {err}") from err
+        lines = str(err).strip().splitlines()
+        reason = lines[0] if lines else type(err).__name__
+        if reason.startswith("Weights only load failed"):  # torch's multi-paragraph advice about weights_only
+            reason = "not a torch.save file of tensors and plain values, or a corrupt one"
+        raise InputError(path, f"cannot read training checkpoint: {reason}") from err
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "ema" not in ckpt:
         raise InputError(path, "not a wetok training checkpoint (no model_config / ema entries)")
     return ckpt
