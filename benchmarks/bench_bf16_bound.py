@@ -15,17 +15,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine  # noqa: E402
-from plain import plain_decode, plain_encoder, plain_indices  # noqa: E402
-
-from wetok import WeTok  # noqa: E402
-from wetok.fast import inference, optimize  # noqa: E402
+from bench_inference import build, load_base  # noqa: E402
+from common import interleaved, machine  # noqa: E402
 
 _BT = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
        [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
@@ -55,15 +51,6 @@ def winograd_conv(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return y[:, :, :h, :w]
 
 
-def best(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="ImageNet_downsample16")
@@ -72,27 +59,13 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(machine())
-    torch.manual_seed(0)
-    base = WeTok.from_preset(args.preset).eval().requires_grad_(False)
-    cfg, sd = base.config, {k: v.detach().clone() for k, v in base.state_dict().items()}
-    fast = optimize(base, dtype="bfloat16")
+    runs, _ = build(load_base(args.preset, None), ["plain", "bf16"])  # bench_inference's plain and bf16 passes
     x = torch.rand(1, 3, 256, 256) * 2 - 1
-
-    @torch.no_grad()
-    def plain():
-        plain_decode(sd, cfg, plain_indices(plain_encoder(sd, cfg, x), cfg))
-
-    def bf16():
-        with inference():
-            fast.decode(fast.encode(x))
-
-    plain(), bf16()
-    times: dict[str, list[float]] = {"plain": [], "bf16": []}
-    for _ in range(args.reps):
-        for name, fn in (("plain", plain), ("bf16", bf16)):
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
+    passes = {name: (lambda run=run: run(x)) for name, run in runs.items()}
+    for run in passes.values():
+        run()  # warm-up
+    times, _ = interleaved(passes, args.reps, log=False)
+    bf16 = passes["bf16"]
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -115,11 +88,10 @@ def main() -> None:
         with torch.inference_mode():
             out = {"direct": lambda xb=xb, wb=wb: F.conv2d(xb, wb, padding=1),
                    "winograd": lambda xb=xb, u=u: winograd_conv(xb, u)}
-            res = {}
-            for name, fn in out.items():
-                fn()
-                y = fn().double()
-                res[name] = (best(fn, args.reps), ((y - ref).square().mean() / ref.square().mean()).sqrt().item())
+            errors = {name: ((fn().double() - ref).square().mean() / ref.square().mean()).sqrt().item()
+                      for name, fn in out.items()}  # also the warm-up
+            layer_times, _ = interleaved(out, args.reps, log=False)
+            res = {name: (min(layer_times[name]), errors[name]) for name in out}
         (td, ed), (tw, ew) = res["direct"], res["winograd"]
         print(f"  {channels:4d} ch {size:3d}x{size:<3d} direct {td * 1e3:6.1f} ms err {ed:.1e} | winograd "
               f"{tw * 1e3:6.1f} ms err {ew:.1e} | {td / tw:.2f}x faster, {20 * torch.log10(torch.tensor(ew / ed)):.0f} dB "
