@@ -118,11 +118,17 @@ def test_file_lists_labels_and_class_table(tree: Path, model_dir: Path, tmp_path
     shutil.copy(csv, tree / "names.csv")
     tsv = tree / "numbers.tsv"
     tsv.write_text("# comment\n" + "".join(f"{p}\t{k * 3}\n" for k, p in enumerate(files)))
+    names_file = tmp_path / "names.txt"
+    names_file.write_text("".join(f"c{i}\n" for i in range(7)))
     model = WeTok.from_pretrained(model_dir).eval()
-    for listing, names, labels in [(tree / "names.csv", ["bird", "cat", "ship"], [2, 0, 1]),
-                                   (tsv, [str(i) for i in range(7)], [0, 3, 6])]:
-        out = tmp_path / listing.stem
-        assert tokenize(str(listing), "-o", str(out), "--model", str(model_dir), "--no-fast", "--size", "32") == 0
+    for k, (listing, names, labels, extra) in enumerate([
+        (tree / "names.csv", ["bird", "cat", "ship"], [2, 0, 1], []),
+        (tsv, [str(i) for i in range(7)], [0, 3, 6], []),
+        (tsv, [f"c{i}" for i in range(7)], [0, 3, 6], ["--class-names", str(names_file)]),
+    ]):
+        out = tmp_path / f"out{k}"
+        assert tokenize(str(listing), "-o", str(out), "--model", str(model_dir), "--no-fast", "--size", "32",
+                        *extra) == 0
         tokens, got_labels, _, image_ids = read_all(out)
         ds = TokenDataset(out)
         assert ds.class_names == names and got_labels.tolist() == labels and image_ids.tolist() == [0, 1, 2]
@@ -146,6 +152,10 @@ def test_bad_inputs(tree: Path, model_dir: Path, tmp_path: Path, capsys) -> None
     listing.write_text("a.png\n")
     assert tokenize(str(listing), "-o", str(tmp_path / "o4"), *common) == 2
     assert "line 1 has no label" in capsys.readouterr().err
+    listing.write_text(f"{tree / 'cat' / '10.png'}\t5\n")
+    (tmp_path / "two.txt").write_text("a\nb\n")
+    assert tokenize(str(listing), "-o", str(tmp_path / "o5"), *common, "--class-names", str(tmp_path / "two.txt")) == 2
+    assert "label 5 is beyond the 2 class names" in capsys.readouterr().err
     # a folder holding another run's data set (here: another size) is refused
     done = tmp_path / "done"
     assert tokenize(str(tree / "ship"), "-o", str(done), *common) == 2  # files not in class folders

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,22 +63,31 @@ TEN_CROP_VIEWS = ("tl", "tr", "bl", "br", "mid")
 # ------------------------------------------------------------------------------------------------------ sources
 @dataclass
 class LabelledImages:
-    """Image paths in a fixed order, each with a class label (an index into ``class_names``)."""
+    """Image paths in a fixed order, each with a class label (an index into ``class_names``).
+
+    ``names`` are the paths as the source spells them (relative to the class tree, or as written in the list):
+    they identify the run, so a resumed run may name the source by another path.
+    """
 
     paths: list[Path]
     labels: list[int]
     class_names: list[str]
     source: str
+    names: list[str]
 
 
-def read_file_list(path: str | Path) -> LabelledImages:
-    """``path<TAB>label`` or ``path,label`` lines (blank lines, ``#`` comments and a ``path,label`` header skipped)."""
+def read_file_list(path: str | Path, class_names: Sequence[str] | None = None) -> LabelledImages:
+    """``path<TAB>label`` or ``path,label`` lines (blank lines, ``#`` comments and a ``path,label`` header skipped).
+
+    Integer labels are class indices, named by ``class_names`` if given (else "0", "1", ...); other labels are
+    names, numbered in sorted order (or by their position in ``class_names``).
+    """
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(path, f"cannot read the file list ({err})") from None
-    rows: list[tuple[Path, str]] = []
+    rows: list[tuple[str, str]] = []
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
@@ -89,31 +99,39 @@ def read_file_list(path: str | Path) -> LabelledImages:
             continue  # a CSV header
         if not name or not label:
             raise InputError(path, f"line {number}: empty path or label")
-        file = Path(name)
-        rows.append((file if file.is_absolute() else path.parent / file, label))
+        rows.append((name, label))
     if not rows:
         raise InputError(path, "the file list names no image")
     labels = [label for _, label in rows]
     if all(label.isdigit() for label in labels):
         numbers = [int(label) for label in labels]
-        names = [str(i) for i in range(max(numbers) + 1)]
+        names = list(class_names) if class_names is not None else [str(i) for i in range(max(numbers) + 1)]
+        if max(numbers) >= len(names):
+            raise InputError(path, f"label {max(numbers)} is beyond the {len(names)} class names")
     else:
-        names = sorted(set(labels))
+        names = list(class_names) if class_names is not None else sorted(set(labels))
         number = {n: i for i, n in enumerate(names)}
+        unknown = [label for label in labels if label not in number]
+        if unknown:
+            raise InputError(path, f"label {unknown[0]!r} is not among the class names")
         numbers = [number[label] for label in labels]
-    return LabelledImages([p for p, _ in rows], numbers, names, str(path))
+    paths = [Path(n) if Path(n).is_absolute() else path.parent / n for n, _ in rows]
+    return LabelledImages(paths, numbers, names, str(path.resolve()), [n for n, _ in rows])
 
 
-def list_labelled_images(data: str | Path) -> LabelledImages:
+def list_labelled_images(data: str | Path, class_names: Sequence[str] | None = None) -> LabelledImages:
     """A folder per class (labels from the folder names) or a file list (see :func:`read_file_list`)."""
     data = Path(data)
     if data.is_file():
         if data.suffix.lower() not in LIST_SUFFIXES:
             raise InputError(data, f"a file list must end in one of {' '.join(LIST_SUFFIXES)}")
-        return read_file_list(data)
+        return read_file_list(data, class_names)
+    if class_names is not None:
+        raise InputError("--class-names", "is for file lists; a class tree's names are its folder names")
     paths = find_images(data)
     labels, names = folder_labels(paths, data)
-    return LabelledImages(paths, labels, names, str(data))
+    return LabelledImages(paths, labels, names, str(data.resolve()),
+                          [p.relative_to(data).as_posix() for p in paths])
 
 
 # ------------------------------------------------------------------------------------------------------- views
@@ -203,7 +221,7 @@ def _collate(items: list) -> list:
 def _run_key(model_id: str, spec: ViewSpec, shard_size: int, dtype: str, images: LabelledImages) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([model_id, spec.describe(), shard_size, dtype, images.class_names]).encode())
-    for p, label in zip(images.paths, images.labels, strict=True):
+    for p, label in zip(images.names, images.labels, strict=True):
         h.update(f"{p}\t{label}\n".encode())
     return h.hexdigest()[:16]
 
@@ -332,7 +350,7 @@ def _finish(output: Path, index: ShardIndex, images: LabelledImages, n_shards: i
             index.bad_images += json.loads(metadata.get("bad", "[]"))
         except json.JSONDecodeError:
             raise InputError(path, "corrupt list of bad images in its metadata") from None
-    text = "".join(f"{p}\t{label}\n" for p, label in zip(images.paths, images.labels, strict=True))
+    text = "".join(f"{os.path.abspath(p)}\t{label}\n" for p, label in zip(images.paths, images.labels, strict=True))
     atomic_write(output / "images.txt", lambda tmp: tmp.write_text(text))
     write_index(output, index)
     return index

@@ -4,7 +4,7 @@ A data set is a folder::
 
     index.json                 what every shard shares (below) and the list of shards with their sample counts
     shard-00000.safetensors    one file per shard of consecutive source images
-    images.txt                 the source images in order, "path<TAB>label" (a valid file list for ``wetok tokenize``)
+    images.txt                 the source images in order, "absolute path<TAB>label" (a file list ``wetok tokenize`` reads)
 
 Each shard holds, for its N samples (one per image and view, views of an image consecutive):
 

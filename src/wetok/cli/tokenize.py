@@ -24,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "skipped, reported on stderr and listed in index.json.",
     )
     p.add_argument("data", metavar="DATA", help="class-folder tree or file list (.txt/.csv/.tsv/.lst)")
+    p.add_argument("--class-names", metavar="FILE", default=None,
+                   help="for a file list: the class names, one per line (line i names label i, or fixes the "
+                   "numbering of name labels); default: '0', '1', ... for integer labels, sorted names otherwise")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     p.add_argument("--size", type=int, default=256, help="crop size in pixels, a multiple of f (default 256)")
     p.add_argument("--flip", action="store_true", help="also encode the left-right mirrored centre crop")
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     spec = ViewSpec(size=args.size, flip=args.flip, ten_crop=args.ten_crop, crop_scale=args.crop_scale)
     distributed = _init_distributed(args)
     try:
-        images = list_labelled_images(args.data)
+        images = list_labelled_images(args.data, _read_names(args.class_names))
         model, name = common.load_model_from_args(args)
         rank, world, barrier = distributed_context()
 
@@ -91,3 +94,17 @@ def _init_distributed(args: argparse.Namespace) -> bool:
     torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                          timeout=timedelta(hours=48))
     return True
+
+
+def _read_names(path: str | None) -> list[str] | None:
+    from ..errors import InputError
+
+    if path is None:
+        return None
+    try:
+        names = [line.strip() for line in open(path, encoding="utf-8") if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(path, f"cannot read class names ({err})") from None
+    if not names or len(set(names)) != len(names):
+        raise InputError(path, "class names must be a non-empty list without repeats")
+    return names
