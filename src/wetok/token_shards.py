@@ -325,7 +325,8 @@ def check_shard(path: str | Path, index: ShardIndex, number: int, count: int | N
 def _memmap(path: Path, span: TensorSpan) -> np.ndarray:
     if math.prod(span.shape) == 0:
         return np.zeros(span.shape, span.dtype)
-    return np.memmap(path, dtype=span.dtype, mode="r", offset=span.offset, shape=span.shape)
+    # a plain ndarray view: indexing np.memmap itself costs several times more per sample
+    return np.memmap(path, dtype=span.dtype, mode="r", offset=span.offset, shape=span.shape).view(np.ndarray)
 
 
 # ------------------------------------------------------------------------------------------------------- reader
