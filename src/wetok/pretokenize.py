@@ -253,7 +253,7 @@ def tokenize_dataset(
     on_bad: Callable[[str, str], None] | None = None,
     barrier: Callable[[], None] | None = None,
 ) -> ShardIndex | None:
-    """Encode every view of every image with ``model`` (a :class:`~wetok.WeTok`) into shards under ``output``.
+    """Encode every view of every image with ``model`` (a :class:`~wetok.WeTok` in eval mode) into shards.
 
     This process (``rank`` of ``world_size``) encodes its unfinished shards; then, after ``barrier()`` (needed when
     ``world_size > 1``), rank 0 checks every shard, writes the index and returns it (other ranks return None).
@@ -290,6 +290,8 @@ def tokenize_dataset(
     n_shards = -(-len(images.paths) // shard_size)
     mine = [k for k in range(rank, n_shards, world_size)
             if not _existing_shard(output / shard_name(k), index, k)]
+    log.info("rank %d: %d of its %d shards to encode (the others are finished)", rank, len(mine),
+             len(range(rank, n_shards, world_size)))
     spans = {k: (k * shard_size, min(len(images.paths), (k + 1) * shard_size)) for k in mine}
     batches = [list(range(a, min(end, a + batch_size))) for start, end in spans.values()
                for a in range(start, end, batch_size)]

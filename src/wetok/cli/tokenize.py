@@ -24,10 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "skipped, reported on stderr and listed in index.json.",
     )
     p.add_argument("data", metavar="DATA", help="class-folder tree or file list (.txt/.csv/.tsv/.lst)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     p.add_argument("--class-names", metavar="FILE", default=None,
                    help="for a file list: the class names, one per line (line i names label i, or fixes the "
                    "numbering of name labels); default: '0', '1', ... for integer labels, sorted names otherwise")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     p.add_argument("--size", type=int, default=256, help="crop size in pixels, a multiple of f (default 256)")
     p.add_argument("--flip", action="store_true", help="also encode the left-right mirrored centre crop")
     p.add_argument("--ten-crop", action="store_true",
