@@ -5,14 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import FIXTURES
 from official_reference import official_decode
 from wetok import CheckpointError, InputError, WeTok, WeTokConfig
 from wetok.checkpoints import load_model, load_official, read_official_config, to_official_state_dict
 from wetok.quantizer import to_official_flat
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"
 CKPT, YAML = FIXTURES / "tiny_ds16_g4.ckpt", FIXTURES / "tiny_ds16_g4.yaml"
-needs_fixture = pytest.mark.skipif(not CKPT.is_file(), reason="official fixture not found beside the project")
+needs_fixture = pytest.mark.shared(CKPT, YAML, FIXTURES / "tiny_ds16_g4.outputs.pt")
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,10 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import PHOTO
 from wetok import WeTok, get_config
 from wetok.image import pad_to_multiple, pil_to_tensor, to_uint8
 from wetok.tokens import TokenFile, load_tokens, save_tokens
-
-VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "images" / "val"
-if not VAL.is_dir():
-    VAL = Path("/work/shared/data/images/val")
 
 TINY = ["--model", "tiny-f8"]
 # (name, stored size (w, h), size as displayed (h, w))
@@ -44,7 +41,7 @@ IMAGES = {
 
 
 def _make_images(root: Path) -> None:
-    photo = Image.open(VAL / "101085.jpg").convert("RGB").resize((60, 44), Image.Resampling.BICUBIC)
+    photo = Image.open(PHOTO).convert("RGB").resize((60, 44), Image.Resampling.BICUBIC)
     photo.save(root / "photo.jpg", quality=95)
     ramp = (np.arange(29 * 37, dtype=np.uint32).reshape(29, 37) * 61).astype(np.uint16)
     Image.fromarray(ramp).save(root / "gray16.png")  # mode I;16
@@ -344,7 +341,7 @@ def test_commands_run_the_fast_path_by_default_and_the_plain_model_with_no_fast(
     assert any(isinstance(m, StableGroupNorm) for m in fast.modules())
     assert plain.encoder.conv_in.weight.is_contiguous()
     assert not any(isinstance(m, StableGroupNorm) for m in plain.modules())
-    pixels = pil_to_tensor(Image.open(VAL / "101085.jpg").convert("RGB").crop((0, 0, 96, 64)))[None]
+    pixels = pil_to_tensor(Image.open(PHOTO).convert("RGB").crop((0, 0, 96, 64)))[None]
     with torch.inference_mode():
         tokens_fast, tokens_plain, tokens_lib = fast.encode(pixels), plain.encode(pixels), tiny.encode(pixels)
         assert torch.equal(tokens_plain.indices, tokens_lib.indices)

@@ -1,17 +1,15 @@
 """The model bundled in the package: it loads offline and really reconstructs photographs."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
+from conftest import EXAMPLES
 from wetok.checkpoints import CONFIG_NAME, DEFAULT_MODEL_DIR, load_model
 from wetok.image import pad_to_multiple, pil_to_tensor, tensor_to_pil, unpad
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / CONFIG_NAME).is_file(), reason="no bundled model")
 
 
