@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from safetensors.numpy import load_file
 
+from conftest import SHARED
 from train_helpers import run_cli
 from wetok import WeTok
 from wetok.cli.main import main
@@ -25,7 +26,7 @@ from wetok.data import to_model_range
 from wetok.token_shards import INDEX_NAME, TokenDataset
 
 SIZE = 32
-CIFAR = Path("/work/shared/data/cifar10/train")
+CIFAR = SHARED / "data" / "cifar10" / "train"  # noise images where it is missing
 # (class, stored size (w, h)): non-square, so resizing and cropping matter
 SIZES = [(45, 37), (37, 60), (33, 33), (80, 41)]
 
