@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -259,8 +259,6 @@ def tokenize_dataset(
     ``world_size > 1``), rank 0 checks every shard, writes the index and returns it (other ranks return None).
     A bad image is skipped and passed to ``on_bad(path, reason)``, or raises :class:`InputError` with ``strict``.
     """
-    from tqdm.auto import tqdm
-
     if shard_size < 1 or batch_size < 1:
         raise InputError("--shard-size/--batch-size", "must be at least 1")
     if not images.paths:
@@ -268,20 +266,7 @@ def tokenize_dataset(
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise InputError(output, "exists and is not a folder")
-    f = model.downsample_factor
-    if spec.size % f:
-        raise InputError("--size", f"{spec.size} is not a multiple of the tokenizer's downsampling factor {f}")
-    device = next(model.parameters()).device
-    groups, bits = model.config.groups, model.config.bits_per_group
-    dtype = index_dtype(bits)
-    index = ShardIndex(
-        run=_run_key(model.model_id, spec, shard_size, str(next(model.parameters()).dtype), images),
-        tokenizer={"id": model.model_id, "name": tokenizer_name, "downsample_factor": f,
-                   "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")},
-        groups=groups, bits_per_group=bits, grid=(spec.size // f, spec.size // f), image_size=(spec.size, spec.size),
-        class_names=list(images.class_names), views=spec.names, preprocessing=spec.describe(),
-        source=images.source, num_images=len(images.paths),
-    )
+    index = _plan(model, images, spec, shard_size, tokenizer_name)
     if (output / INDEX_NAME).is_file() and rank == 0:
         old = read_index(output)
         if old.run != index.run:
@@ -293,13 +278,50 @@ def tokenize_dataset(
     log.info("rank %d: %d of its %d shards to encode (the others are finished)", rank, len(mine),
              len(range(rank, n_shards, world_size)))
     spans = {k: (k * shard_size, min(len(images.paths), (k + 1) * shard_size)) for k in mine}
+    for number, parts, bad in _encode_shards(model, images, spec, spans, batch_size, num_workers, strict, on_bad,
+                                             progress and rank == 0):
+        _write(output, number, index, images, spec, parts, bad)
+    if barrier is not None:
+        barrier()
+    if rank != 0:
+        return None
+    return _finish(output, index, images, n_shards)
+
+
+def _plan(model: Any, images: LabelledImages, spec: ViewSpec, shard_size: int, name: str) -> ShardIndex:
+    """The index of the data set (without its shards) and the run key that ties the shards to it."""
+    f = model.downsample_factor
+    if spec.size % f:
+        raise InputError("--size", f"{spec.size} is not a multiple of the tokenizer's downsampling factor {f}")
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return ShardIndex(
+        run=_run_key(model.model_id, spec, shard_size, dtype, images),
+        tokenizer={"id": model.model_id, "name": name, "downsample_factor": f, "dtype": dtype},
+        groups=model.config.groups, bits_per_group=model.config.bits_per_group, grid=(spec.size // f, spec.size // f),
+        image_size=(spec.size, spec.size), class_names=list(images.class_names), views=spec.names,
+        preprocessing=spec.describe(), source=images.source, num_images=len(images.paths),
+    )
+
+
+def _encode_shards(model: Any, images: LabelledImages, spec: ViewSpec, spans: dict[int, tuple[int, int]],
+                   batch_size: int, num_workers: int, strict: bool, on_bad: Callable[[str, str], None] | None,
+                   progress: bool) -> Iterator[tuple[int, list[tuple[np.ndarray, np.ndarray]], list[dict[str, str]]]]:
+    """For each shard of ``spans`` yield (its number, [(indices (n, h, w, g), source image ids (n,)) per batch],
+    its bad images).
+
+    Batches never cross a shard boundary, so a shard's tokens do not depend on which process encoded it.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    dtype = index_dtype(model.config.bits_per_group)
     batches = [list(range(a, min(end, a + batch_size))) for start, end in spans.values()
                for a in range(start, end, batch_size)]
     loader = torch.utils.data.DataLoader(_Views(images.paths, spec), batch_sampler=batches, collate_fn=_collate,
                                          num_workers=num_workers, pin_memory=device.type == "cuda")
-    total = sum(b - a for a, b in spans.values())
-    bar = tqdm(total=total, desc="wetok tokenize", unit="image", disable=not progress or rank != 0)
-    pending = iter(mine)
+    bar = tqdm(total=sum(b - a for a, b in spans.values()), desc="wetok tokenize", unit="image",
+               disable=not progress)
+    pending = iter(spans)
     current, parts, bad = next(pending, None), [], []
     with torch.inference_mode():
         for batch in loader:
@@ -314,19 +336,13 @@ def tokenize_dataset(
             if good:
                 pixels = torch.cat([views for _, views in good]).to(device, non_blocking=True)
                 tokens = model.encode(pixels).indices.cpu().numpy().astype(dtype)
-                ids = np.repeat([i for i, _ in good], len(spec.names))
-                parts.append((tokens, ids))
+                parts.append((tokens, np.repeat(np.array([i for i, _ in good], np.int64), len(spec.names))))
             bar.update(len(batch))
             last = batch[-1].index if isinstance(batch[-1], BadImage) else batch[-1][0]
             if current is not None and last + 1 == spans[current][1]:
-                _write(output, current, index, images, spec, parts, bad)
+                yield current, parts, bad
                 current, parts, bad = next(pending, None), [], []
     bar.close()
-    if barrier is not None:
-        barrier()
-    if rank != 0:
-        return None
-    return _finish(output, index, images, n_shards)
 
 
 def _write(output: Path, number: int, index: ShardIndex, images: LabelledImages, spec: ViewSpec,
