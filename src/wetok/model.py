@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .autoencoder import Decoder, Encoder
+from .autoencoder import Decoder, Encoder, draw_noise
 from .config import WeTokConfig
 from .errors import ModelMismatchError
 from .quantizer import GroupQuantizer, QuantizerOutput, indices_to_codes
@@ -174,9 +174,7 @@ class WeTok(nn.Module):
 
     def make_noise(self, codes: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Standard Gaussian noise shaped like the quantized latent, drawn from ``generator`` if given."""
-        device = generator.device if generator is not None else codes.device
-        noise = torch.randn(codes.shape, generator=generator, device=device, dtype=torch.float32)
-        return noise.to(device=codes.device, dtype=codes.dtype)
+        return draw_noise(codes.shape, generator, codes.device).to(device=codes.device, dtype=codes.dtype)
 
     def decode_codes(
         self,

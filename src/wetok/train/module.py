@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import WeTokConfig
+from ..config import ARCHITECTURE_FIELDS, WeTokConfig
 from ..errors import InputError
 from ..losses import (
     LeCamEMA,
@@ -183,8 +183,7 @@ def build_generator(cfg: TrainConfig) -> WeTok:
     return model.train()
 
 
-_ARCH_FIELDS = ("channels", "ch_mult", "num_res_blocks", "z_channels", "groups", "bits_per_group", "norm_groups",
-                "generative_decoder")
+_ARCH_FIELDS = (*ARCHITECTURE_FIELDS, "generative_decoder")  # the encoder's fields plus the decoder kind
 
 
 def _with_config(model: WeTok, config: WeTokConfig) -> WeTok:
