@@ -43,7 +43,7 @@ def add_model_options(p: argparse.ArgumentParser, *, speed: bool = True) -> None
     g.add_argument("--model", default=None,
                    help="a registered name (its trained weights, downloaded if needed; `wetok info` lists them), "
                    "native model folder, Hugging Face Hub id, wetok train checkpoint (.pt) or run folder, or "
-                   "official .ckpt (with --config); default: the bundled model")
+                   "official .ckpt (with --config); official:<name> is accepted too; default: the bundled model")
     g.add_argument("--random-init", action="store_true",
                    help="use --model's configuration with random weights (seeded) instead of its trained weights")
     g.add_argument("--config", default=None, help="the official YAML config (or a preset name) of a .ckpt --model")
