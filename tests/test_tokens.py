@@ -25,9 +25,9 @@ def _random_record(b=1, h=3, w=5, g=4, bits=4, seed=0, model_id=None, **kw) -> T
     indices = torch.randint(0, 2**bits, (b, h, w, g), generator=gen)
     f = TINY.downsample_factor
     return Tokens(indices=indices, bits_per_group=bits, image_size=(h * f, w * f),
-                     original_size=kw.pop("original_size", (h * f - 3, w * f - 5)),
-                     padding=kw.pop("padding", (2, 3, 1, 2)), model_id=model_id or TINY.identity(),
-                     model="tiny-f8", **kw)
+                  original_size=kw.pop("original_size", (h * f - 3, w * f - 5)),
+                  padding=kw.pop("padding", (2, 3, 1, 2)), model_id=model_id or TINY.identity(),
+                  model="tiny-f8", **kw)
 
 
 def _bitstream_reference(values: list[int], bits: int) -> bytes:
@@ -52,6 +52,20 @@ def test_payload_is_the_sign_bits_of_the_codes():
     codes = indices_to_codes(tf.indices, 4)  # (B, g*d', h, w) of +-1 from the quantizer's own definition
     signs = (codes.permute(0, 2, 3, 1) > 0).numpy().astype(np.uint8).reshape(-1)
     assert pack_indices(tf.indices, 4) == np.packbits(signs, bitorder="little").tobytes()
+
+
+@pytest.mark.parametrize("fmt", ["json", "wtok"])
+def test_tokens_save_and_load_round_trip(tmp_path, fmt):
+    """Tokens.save / Tokens.load in both formats, the format given explicitly (the name has no suffix)."""
+    tokens = _random_record(b=2, h=4, w=7, weights_id="00112233aabbccdd")
+    path = tokens.save(tmp_path / "t", fmt)
+    data = path.read_bytes()
+    assert data[:4] == b"WTOK" if fmt == "wtok" else json.loads(data)["wetok_meta"]["weights_id"] == tokens.weights_id
+    back = Tokens.load(path, TINY)
+    assert torch.equal(back.indices, tokens.indices) and back.indices.dtype == torch.int64
+    for name in ("bits_per_group", "groups", "image_size", "original_size", "padding", "model_id", "weights_id",
+                 "model"):
+        assert getattr(back, name) == getattr(tokens, name), name
 
 
 @pytest.mark.parametrize("suffix", [".json", ".wtok"])
