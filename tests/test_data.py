@@ -13,6 +13,7 @@ from wetok.data import (
     BadImage,
     ImageDataset,
     collate_skip_bad,
+    decode_image,
     eval_transform,
     find_images,
     folder_labels,
@@ -206,3 +207,10 @@ def test_dataset_from_folder_default_transform_keeps_size():
                 {"image": torch.zeros(3, 4, 8), "index": 1, "path": "b"},
             ]
         )
+
+
+def test_decode_image_takes_bytes_like_files(tmp_path):
+    path = find_images(PHOTOS)[0]
+    assert np.array_equal(np.asarray(decode_image(path.read_bytes())), np.asarray(load_rgb(path)))
+    with pytest.raises(InputError, match="shard.tar:x.jpg: cannot decode"):
+        decode_image(b"not an image", "shard.tar:x.jpg")

@@ -7,14 +7,15 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
 from conftest import EXAMPLES
-from wetok.checkpoints import CONFIG_NAME, DEFAULT_MODEL_DIR, load_model
+from wetok import WeTok
+from wetok.checkpoints import CONFIG_NAME, DEFAULT_MODEL_DIR
 from wetok.image import pad_to_multiple, pil_to_tensor, tensor_to_pil, unpad
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / CONFIG_NAME).is_file(), reason="no bundled model")
 
 
 def test_bundled_model_reconstructs_the_sample_images():
-    model = load_model(None)
+    model = WeTok.from_pretrained("default")
     assert model.config.name == "small-f8" and model.config.groups == 4 and model.config.bits_per_group == 8
     scores = []
     for path in sorted(EXAMPLES.glob("*.png")):
