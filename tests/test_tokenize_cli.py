@@ -91,6 +91,8 @@ def test_class_tree_views_equal_encode(tree: Path, model_dir: Path, tmp_path: Pa
     index = json.loads((out / INDEX_NAME).read_text())
     assert ds.class_names == ["bird", "cat", "ship"] and ds.num_classes == 3
     assert ds.tokenizer_id == model.model_id and ds.tokenizer_name == str(model_dir)
+    assert ds.tokenizer_weights_id == model.weights_id
+    ds.check_tokenizer(model)
     assert (ds.groups, ds.bits_per_group, ds.grid, ds.image_size) == (4, 4, (4, 4), (SIZE, SIZE))
     assert ds.view_names == ["center", "center-flip", "tl", "tr", "bl", "br", "mid", "tl-flip", "tr-flip",
                              "bl-flip", "br-flip", "mid-flip"]
@@ -163,6 +165,11 @@ def test_bad_inputs(tree: Path, model_dir: Path, tmp_path: Path, capsys) -> None
     capsys.readouterr()
     assert tokenize(str(tree), "-o", str(done), *common, "--shard-size", "100") == 0
     assert tokenize(str(tree), "-o", str(done), *common, "--shard-size", "100", "--flip") == 2
+    assert "another run" in capsys.readouterr().err
+    # ... and so is the same architecture with other weights
+    torch.manual_seed(1)
+    other = WeTok.from_preset("tiny-f8").save_pretrained(tmp_path / "other")
+    assert tokenize(str(tree), "-o", str(done), "--model", str(other), "--size", "32", "--shard-size", "100") == 2
     assert "another run" in capsys.readouterr().err
 
 

@@ -218,9 +218,10 @@ def _collate(items: list) -> list:
 
 
 # ---------------------------------------------------------------------------------------------------- the run
-def _run_key(model_id: str, spec: ViewSpec, shard_size: int, dtype: str, images: LabelledImages) -> str:
+def _run_key(tokenizer: dict[str, Any], spec: ViewSpec, shard_size: int, images: LabelledImages) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([model_id, spec.describe(), shard_size, dtype, images.class_names]).encode())
+    h.update(json.dumps([tokenizer["id"], tokenizer["weights_id"], tokenizer["dtype"], spec.describe(), shard_size,
+                         images.class_names]).encode())
     for p, label in zip(images.names, images.labels, strict=True):
         h.update(f"{p}\t{label}\n".encode())
     return h.hexdigest()[:16]
@@ -293,10 +294,11 @@ def _plan(model: Any, images: LabelledImages, spec: ViewSpec, shard_size: int, n
     f = model.downsample_factor
     if spec.size % f:
         raise InputError("--size", f"{spec.size} is not a multiple of the tokenizer's downsampling factor {f}")
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    tokenizer = {"id": model.model_id, "weights_id": model.weights_id, "name": name, "downsample_factor": f,
+                 "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     return ShardIndex(
-        run=_run_key(model.model_id, spec, shard_size, dtype, images),
-        tokenizer={"id": model.model_id, "name": name, "downsample_factor": f, "dtype": dtype},
+        run=_run_key(tokenizer, spec, shard_size, images),
+        tokenizer=tokenizer,
         groups=model.config.groups, bits_per_group=model.config.bits_per_group, grid=(spec.size // f, spec.size // f),
         image_size=(spec.size, spec.size), class_names=list(images.class_names), views=spec.names,
         preprocessing=spec.describe(), source=images.source, num_images=len(images.paths),
