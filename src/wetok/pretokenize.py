@@ -375,11 +375,3 @@ def _finish(output: Path, index: ShardIndex, images: LabelledImages, n_shards: i
     write_index(output, index)
     return index
 
-
-def distributed_context() -> tuple[int, int, Callable[[], None] | None]:
-    """(rank, world size, barrier) of the current ``torch.distributed`` group, or (0, 1, None) outside one."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1, None
-    return dist.get_rank(), dist.get_world_size(), dist.barrier

@@ -46,8 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._distributed import rank_and_world
     from ..errors import InputError
-    from ..pretokenize import ViewSpec, distributed_context, list_labelled_images, tokenize_dataset
+    from ..pretokenize import ViewSpec, list_labelled_images, tokenize_dataset
 
     if args.num_workers < 0:
         raise InputError("--num-workers", f"must be >= 0, got {args.num_workers}")
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         images = list_labelled_images(args.data, _read_names(args.class_names))
         model, name = common.load_model_from_args(args)
-        rank, world, barrier = distributed_context()
+        rank, world = rank_and_world()
 
         def on_bad(path: str, reason: str) -> None:
             print(f"wetok tokenize: skipped {path}: {reason}", file=sys.stderr)
@@ -64,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         index = tokenize_dataset(
             model, images, args.output, spec=spec, shard_size=args.shard_size, batch_size=args.batch_size,
             num_workers=args.num_workers, rank=rank, world_size=world, strict=args.strict, tokenizer_name=name,
-            progress=common.show_progress(args), on_bad=on_bad, barrier=barrier,
+            progress=common.show_progress(args), on_bad=on_bad,
+            barrier=torch.distributed.barrier if world > 1 else None,
         )
     finally:
         if distributed:
