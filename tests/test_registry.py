@@ -201,3 +201,31 @@ def test_another_family_registers_its_own_entries(scratch_registry):
         WeTok.from_pretrained("test-generator")
     with pytest.raises(ValueError, match="family"):
         register_model(ModelEntry("test-x", "vocoder", None))
+
+
+def test_one_resolver_classifies_every_model_form(tmp_path):
+    from wetok.cli.models import classify, load_model
+
+    torch.manual_seed(3)
+    saved = WeTok.from_preset("tiny-f8")
+    saved.save_pretrained(tmp_path / "native")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    forms = {
+        str(tmp_path / "native"): "folder",
+        str(tmp_path / "run"): "training",  # a wetok train run folder: its last checkpoint
+        "missing.pt": "training",
+        "WeTok.ckpt": "official",
+        "tiny-f8": "registry",
+        "official:ImageNet_downsample16": "registry",
+        "someone/some-model": "hub",
+    }
+    assert {spec: classify(spec).kind for spec in forms} == forms
+    loaded = load_model(str(tmp_path / "native"))
+    assert torch.equal(loaded.encoder.conv_in.weight, saved.encoder.conv_in.weight)
+    assert loaded.weights_id == saved.weights_id
+    with pytest.raises(InputError, match="holds no checkpoints/step-"):
+        load_model(str(tmp_path / "run"))
+    with pytest.raises(InputError, match="missing.pt: does not exist"):
+        load_model("missing.pt")
+    with pytest.raises(InputError, match="needs its YAML config"):
+        load_model("WeTok.ckpt")
