@@ -116,6 +116,7 @@ class WeTok(nn.Module):
         new.load_state_dict(state)
         new.train(self.training)
         new.name_or_path = self.name_or_path
+        new._weights_id = self.weights_id  # the same encoder and quantizer: it decodes this model's tokens
         return new
 
     # ------------------------------------------------------------------------------------------------ properties
