@@ -229,3 +229,24 @@ def test_one_resolver_classifies_every_model_form(tmp_path):
         load_model("missing.pt")
     with pytest.raises(InputError, match="needs its YAML config"):
         load_model("WeTok.ckpt")
+
+
+def test_downloads_show_the_hub_progress_bar_unless_quiet(tmp_path, monkeypatch):
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    from wetok._hub import hub_file
+
+    seen = []
+
+    def fake(repo_id, filename, **kwargs):
+        seen.append(are_progress_bars_disabled())
+        if kwargs.get("local_files_only"):
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
+    monkeypatch.setattr("wetok._hub.hub_reachable", lambda timeout=0: True)
+    before = are_progress_bars_disabled()
+    assert hub_file("someone/repo", "w.ckpt") == tmp_path / "w.ckpt"
+    assert hub_file("someone/repo", "w.ckpt", progress=False) == tmp_path / "w.ckpt"
+    assert seen == [before, before, True, True] and are_progress_bars_disabled() == before
