@@ -250,3 +250,22 @@ def test_downloads_show_the_hub_progress_bar_unless_quiet(tmp_path, monkeypatch)
     assert hub_file("someone/repo", "w.ckpt") == tmp_path / "w.ckpt"
     assert hub_file("someone/repo", "w.ckpt", progress=False) == tmp_path / "w.ckpt"
     assert seen == [before, before, True, True] and are_progress_bars_disabled() == before
+
+
+def test_info_lists_the_registry_with_what_each_entry_has(capsys):
+    import json
+
+    assert cli_main(["info", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {e.name for e in list_models()}
+    tiny = WeTok(get_config("tiny-f8"))
+    assert rows["tiny-f8"]["parameters"] == sum(p.numel() for p in tiny.parameters())
+    assert rows["tiny-f8"]["weights"] == "none" and rows["tiny-f8"]["groups_x_bits"] == "4x4"
+    official = rows["ImageNet_downsample16"]
+    assert official["weights"] == "hub" and official["parameters"] == 460_294_179  # spec section 1.2
+    assert official["weights_location"] == f"hub ({OFFICIAL_HUB_REPO}/{OFFICIAL_HUB_FILES['ImageNet_downsample16']})"
+    if "default" in rows:
+        assert rows["default"]["weights"] == "bundled"
+    assert cli_main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "tiny-f8" in text and "920,723" in text and "GrayShine/WeTok/ImageNet/downsample16/WeTok.ckpt" in text
