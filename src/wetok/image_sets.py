@@ -171,7 +171,7 @@ class NpzImages:
                     )
                 chunk = np.frombuffer(data, np.uint8).reshape(count, h, w, c)[rank::world]
                 if len(chunk):
-                    images = to_model_range(torch.from_numpy(chunk.copy()).permute(0, 3, 1, 2))
+                    images = to_model_range(torch.from_numpy(chunk.copy()).permute(0, 3, 1, 2).contiguous())
                     yield Batch(images, torch.arange(start + rank, start + count, world, dtype=torch.int64))
 
 
