@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from wetok.cli.eval_gen import markdown_table
 from wetok.cli.main import main
 from wetok.data import to_model_range
 from wetok.errors import InputError
@@ -242,10 +243,10 @@ def test_statistics_references(tmp_path):
     assert m["fid"] == pytest.approx(ref_fid(tiny_features(samples), fr), rel=1e-6)
     assert "precision" not in m and m["n_ref_images"] is None and m["inception_score"] > 1
     assert "precision / recall skipped" in only["settings"]["notes"][0]
-    assert only["settings"]["fid_reference"] == "stored mu / sigma" and only["settings"]["metrics"] == [
-        "fid",
-        "is",
-    ]
+    assert only["settings"]["fid_reference"] == "stored mu / sigma"
+    assert only["settings"]["metrics"] == ["fid", "is"]
+    table = markdown_table(only)
+    assert f"| FID | {m['fid']:.4f} |" in table and "stored" not in table and "| note | precision" in table
     # ADM layout: images plus stored statistics (here deliberately other ones) -> both FIDs
     other_mu, other_sigma = mu + 0.5, sigma * 1.5
     np.savez(
@@ -275,6 +276,7 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
     raw = (tmp_path / "good.npz").read_bytes()
     (tmp_path / "truncated.npz").write_bytes(raw[: len(raw) // 2])
     (tmp_path / "emptydir").mkdir()
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     s = str(good)
     return [
         (
@@ -294,6 +296,7 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         ([str(tmp_path / "emptydir"), "--ref", s], "emptydir: no image files under this folder"),
         ([str(tmp_path / "missing"), "--ref", s], "missing: does not exist"),
         ([s, "--ref", s, "--metrics", "fid,bogus"], "unknown metric 'bogus'"),
+        ([s, "--ref", str(tmp_path / "stats.npz"), "--metrics", "pr"], "stats.npz: holds statistics only"),
         ([s, "--ref", s, "--k", "5"], "good.npz: has 5 images; precision / recall with k = 5 needs > 5"),
     ]
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -210,6 +211,31 @@ def extract_features(
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
+def _on_rank0(compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``compute`` on rank 0 only and hand its result, or the fact that it failed, to every rank."""
+    rank, world = _dist_info()
+    result: list[Any] = [None]
+    if rank == 0:
+        try:
+            result[0] = ("ok", compute())
+        except Exception as err:
+            if world > 1:
+                dist.broadcast_object_list([("error", f"{type(err).__name__}: {err}")], src=0)
+            raise
+    if world > 1:
+        dist.broadcast_object_list(result, src=0)
+    status, values = result[0]
+    if status == "error":
+        raise RuntimeError(f"generation metrics failed on rank 0: {values}")
+    return values
+
+
+def _describe_extractor(extractor: nn.Module) -> str:
+    if isinstance(extractor, InceptionFeatures):
+        return f"pytorch-fid InceptionV3 pool3, 2048-d ({extractor.weights_path})"
+    return f"custom: {type(extractor).__name__} ({extractor.feature_dim}-d)"
+
+
 def parse_generation_metrics(names: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """``"fid,is,pr"`` (also ``inception_score``, ``precision_recall``) -> names in :data:`GENERATION_METRICS` order."""
     aliases = {"inception_score": "is", "isc": "is", "precision_recall": "pr", "prc": "pr", "gfid": "fid"}
@@ -324,8 +350,10 @@ def evaluate_generation(
     if "pr" in names and reference.images is None:
         names = tuple(n for n in names if n != "pr")
         notes.append(f"precision / recall skipped: {ref} holds statistics only, no images")
+        if not names:
+            raise InputError(ref, "holds statistics only; precision / recall need reference images")
     _check_counts(sample_set, reference, names, k)
-    rank, world = _dist_info()
+    world = _dist_info()[1]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     extractor = feature_extractor if feature_extractor is not None else InceptionFeatures(inception_weights)
     if "is" in names and logit_weight is None:
@@ -343,50 +371,31 @@ def evaluate_generation(
     real = None
     if reference.images is not None and ("pr" in names or "fid" in names):
         real = extract_features(reference.images, extractor, desc="reference", **kw)
-    result: list[Any] = [None]
-    if rank == 0:
-        try:
-            result[0] = (
-                "ok",
-                _compute(
-                    fake,
-                    real,
-                    reference,
-                    names,
-                    logit_weight=logit_weight,
-                    is_split_size=is_split_size,
-                    k=k,
-                    pr_batch_size=pr_batch_size,
-                    device=device,
-                ),
-            )
-        except Exception as err:
-            if world > 1:
-                dist.broadcast_object_list([("error", f"{type(err).__name__}: {err}")], src=0)
-            raise
-    if world > 1:
-        dist.broadcast_object_list(result, src=0)
-    status, values = result[0]
-    if status == "error":
-        raise RuntimeError(f"generation metrics failed on rank 0: {values}")
-
-    weights = getattr(extractor, "weights_path", None)
+    values = _on_rank0(
+        lambda: _compute(
+            fake,
+            real,
+            reference,
+            names,
+            logit_weight=logit_weight,
+            is_split_size=is_split_size,
+            k=k,
+            pr_batch_size=pr_batch_size,
+            device=device,
+        )
+    )
+    fid_reference = None
+    if "fid" in names:
+        fid_reference = (
+            "reference images through the same network" if real is not None else "stored mu / sigma"
+        )
     settings = {
         "metrics": list(names),
-        "features": f"pytorch-fid InceptionV3 pool3, 2048-d ({weights})"
-        if isinstance(extractor, InceptionFeatures)
-        else f"custom: {type(extractor).__name__} ({extractor.feature_dim}-d)",
+        "features": _describe_extractor(extractor),
         "preprocessing": "uint8 / 127.5 - 1, resized to 299 x 299 by the network (bilinear)"
         + (f"; folder images: short side to {crop} + center crop {crop}" if crop else ""),
-        "fid_reference": "reference images through the same network"
-        if real is not None and "fid" in names
-        else "stored mu / sigma"
-        if "fid" in names
-        else None,
-        "inception_score": f"softmax of pool3 @ fc.weight^T (no bias, {0 if logit_weight is None else logit_weight.shape[0]}"
-        f" classes), mean over consecutive splits of {is_split_size} samples (ADM)"
-        if "is" in names
-        else None,
+        "fid_reference": fid_reference,
+        "inception_score": None,
         "precision_recall": f"k = {k} nearest neighbours, float64 Euclidean distances"
         if "pr" in names
         else None,
@@ -395,6 +404,11 @@ def evaluate_generation(
         "device": str(device),
         "notes": notes,
     }
+    if "is" in names:
+        settings["inception_score"] = (
+            f"softmax of features @ fc.weight^T (no bias, {logit_weight.shape[0]} classes), mean over "
+            f"consecutive splits of {is_split_size} samples in input order (ADM)"
+        )
     return {
         "metrics": values,
         "settings": settings,

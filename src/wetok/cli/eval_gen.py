@@ -82,6 +82,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         ("recall", "recall"),
     ]
     lines = ["| metric | value |", "|---|---|"]
+    if report["settings"]["fid_reference"] == "stored mu / sigma":  # then fid is that same number
+        labels = [row for row in labels if row[0] != "fid_stored_stats"]
     lines += [f"| {label} | {_fmt(m[key])} |" for key, label in labels if m.get(key) is not None]
     lines += [f"| note | {note} |" for note in report["settings"]["notes"]]
     return "\n".join(lines)
