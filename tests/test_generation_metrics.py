@@ -4,11 +4,13 @@ inputs, and the real (locally made) Inception path through the command line."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from unittest import mock
 
@@ -276,6 +278,12 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
     raw = (tmp_path / "good.npz").read_bytes()
     (tmp_path / "truncated.npz").write_bytes(raw[: len(raw) // 2])
     (tmp_path / "emptydir").mkdir()
+    header = io.BytesIO()  # an .npy whose header declares 9 images but which holds 5
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": (9, 16, 16, 3)}
+    )
+    with zipfile.ZipFile(tmp_path / "short.npz", "w") as archive:
+        archive.writestr("arr_0.npy", header.getvalue() + make_images(5, 11).tobytes())
     np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     s = str(good)
     return [
@@ -293,6 +301,10 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         ([str(tmp_path / "empty.npz"), "--ref", s], "empty.npz: 'arr_0' holds no image"),
         ([str(tmp_path / "notzip.npz"), "--ref", s], "notzip.npz: not an .npz file"),
         ([str(tmp_path / "truncated.npz"), "--ref", s], "truncated.npz: not an .npz file"),
+        (
+            [str(tmp_path / "short.npz"), "--ref", s],
+            "short.npz: 'arr_0' is truncated or corrupt: its header declares",
+        ),
         ([str(tmp_path / "emptydir"), "--ref", s], "emptydir: no image files under this folder"),
         ([str(tmp_path / "missing"), "--ref", s], "missing: does not exist"),
         ([s, "--ref", s, "--metrics", "fid,bogus"], "unknown metric 'bogus'"),
