@@ -21,7 +21,7 @@ TF-ported weights in TensorFlow, whose resize differs slightly, so numbers are c
 
 Every image's features are gathered, in image order, onto rank 0 of ``torch.distributed`` and all metrics are
 computed there from the full feature matrices, so results do not depend on the batch size or the number of
-processes (up to the last bits float32 convolutions may change with the batch make-up).
+processes (up to the last bits that float32 convolutions may change with the batch make-up).
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Compare SAMPLES with REF in pytorch-fid's Inception features (as the tokenizer's rFID) and "
         "report FID, Inception Score (ADM's definition: unbiased logits, splits of 5000) and precision / recall "
         "(k = 3): a Markdown table on stdout and, with --out, a JSON report. Features are gathered in image "
-        "order, so batch size and process count (torchrun) do not change the numbers. A statistics-only REF "
+        "order, so batch size and process count (torchrun) do not change the numbers (up to float32 rounding "
+        "inside the network). A statistics-only REF "
         "(mu / sigma) gives FID and IS, not precision / recall.",
     )
     p.add_argument(
