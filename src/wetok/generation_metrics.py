@@ -93,7 +93,10 @@ def precision_recall(
     A point's ball has the radius of its distance to its k-th nearest neighbour in its own set (itself
     excluded); float64 distances, ``batch_size`` rows at a time.
     """
-    from torch_fidelity.metric_prc import prc_features_to_metric
+    try:
+        from torch_fidelity.metric_prc import prc_features_to_metric
+    except ImportError as err:  # precision / recall arrived in torch-fidelity 0.4
+        raise ImportError(f"precision / recall need torch-fidelity >= 0.4 ({err})") from err
 
     fake = torch.as_tensor(samples).to(device, torch.float64)
     real = torch.as_tensor(reference).to(device, torch.float64)

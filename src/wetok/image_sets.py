@@ -200,6 +200,7 @@ class FolderImages:
         self, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0
     ) -> Iterator[Batch]:
         """Batches of same-sized images; undecodable files are collected in :attr:`bad_files`, not yielded."""
+        self.bad_files = []
         transform = eval_transform(self.crop) if self.crop else to_tensor_transform()
         loader = DataLoader(
             ImageDataset(self.paths, transform=transform),
