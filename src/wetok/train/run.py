@@ -16,10 +16,13 @@ G and D phases are kept apart so that each optimizer's gradients are scaled by o
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from .._files import atomic_write
 from ..data import ImageDataset, collate_skip_bad, eval_transform, find_images
 from ..errors import InputError, WetokError
 from .config import TrainConfig
@@ -83,15 +87,30 @@ def latest_checkpoint(output: str | Path) -> Path | None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+@contextmanager
+def _rng_untouched(device: torch.device) -> Iterator[None]:
+    """Run work that is not part of a training step (validation, previews, sample grids) without moving the
+    global RNG streams that the steps draw from, so a resumed run draws exactly what an uninterrupted one does."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
+
+
+def _keeps_rng(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Method decorator: :func:`_rng_untouched` around a method of :class:`_Run`."""
+
+    @functools.wraps(method)
+    def wrapper(self: _Run, *args: Any, **kwargs: Any) -> Any:
+        with _rng_untouched(self.fabric.device):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class _Run:
@@ -243,8 +262,10 @@ class _Run:
             return None
         files = find_images(d.val)[: d.val_max_images]
         dataset = ImageDataset(files[self.rank :: self.world], eval_transform(d.val_image_size or d.image_size))
+        # its own generator: each iter() draws a worker base seed, which must not come from the global RNG
         return torch.utils.data.DataLoader(dataset, batch_size=d.val_batch_size, collate_fn=collate_skip_bad,
-                                           num_workers=min(2, d.num_workers))
+                                           num_workers=min(2, d.num_workers),
+                                           generator=torch.Generator().manual_seed(self.cfg.trainer.seed))
 
     # --------------------------------------------------------------------------------------------- one step
     def train_step(self, batches: list[dict[str, Any]]) -> dict[str, Tensor]:
@@ -300,6 +321,7 @@ class _Run:
         optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------------------- validation and images
+    @_keeps_rng
     @torch.no_grad()
     def validate(self, loader) -> dict[str, float]:
         """L1 and PSNR (dB, images in [0, 1] after clamping) of the EMA model on the validation images."""
@@ -321,6 +343,7 @@ class _Run:
         n = max(sums[2].item(), 1.0)
         return {"val/l1": sums[0].item() / n, "val/psnr": sums[1].item() / n}
 
+    @_keeps_rng
     @torch.no_grad()
     def save_images(self, images: Tensor) -> None:
         """PNG grid: the images (top row) and the EMA model's reconstructions (bottom row)."""
@@ -331,12 +354,9 @@ class _Run:
         x = images[:8].to(self.fabric.device)
         gen = torch.Generator(self.fabric.device).manual_seed(self.cfg.trainer.seed)
         rec = self.ema.module.reconstruct(x, generator=gen).float().clamp(-1, 1)
-        folder = self.output / "images"
-        folder.mkdir(exist_ok=True)
-        path = folder / f"step-{self.step:08d}.png"
-        tmp = folder / f".{path.name}.tmp.png"
-        save_image(torch.cat([x, rec]) * 0.5 + 0.5, tmp, nrow=len(x), padding=2)
-        os.replace(tmp, path)
+        grid = torch.cat([x, rec]) * 0.5 + 0.5
+        path = self.output / "images" / f"step-{self.step:08d}.png"
+        atomic_write(path, lambda tmp: save_image(grid, tmp, nrow=len(x), padding=2), suffix=".png")
 
     # -------------------------------------------------------------------------------------------- checkpoints
     def _gather_rng(self) -> dict[str, Tensor]:
@@ -389,7 +409,10 @@ class _Run:
         d = cfg.data
         loader = self.train_loader()
         val_loader = self.val_loader()
-        preview = next(iter(val_loader))["image"] if val_loader is not None and self.rank == 0 else None
+        preview = None
+        if val_loader is not None and self.rank == 0:
+            with _rng_untouched(fabric.device):
+                preview = next(iter(val_loader))["image"]
         if self.rank == 0:
             _atomic_text(self.output / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         kill_after = int(os.environ.get(_KILL_ENV, "-1"))
