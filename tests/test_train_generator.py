@@ -140,6 +140,36 @@ def test_loss_starts_at_log_vocabulary_and_falls_on_a_fixed_batch(tmp_path):
     assert groups[1]["weight_decay"] == 0.0
 
 
+def test_without_ema_validation_and_export_use_the_live_weights(tmp_path):
+    from wetok.cli.main import main as cli_main
+    from wetok.token_shards import TokenDataset
+
+    make_token_shards(tmp_path / "tok", 8)
+    make_token_shards(tmp_path / "val", 6, seed=1)  # batches of 4 and 2: the average must weight by samples
+    recipe = write_recipe(tmp_path / "ar.yaml", TINY_AR_RECIPE)
+    cfg = load_config(recipe, [f"data.train={tmp_path / 'tok'}", f"data.val={tmp_path / 'val'}", "trainer.ema=false",
+                               "trainer.max_steps=2", "trainer.checkpoint_every=2", "trainer.val_every=2",
+                               "trainer.image_every=1"])
+    last = train(cfg, tmp_path / "run")
+    ckpt = load_training_checkpoint(last)
+    assert ckpt["ema"] is None and (tmp_path / "run" / "images" / "step-00000001.png").is_file()
+    # val/loss at step 2: sum over sub-tokens of the mean cross-entropy over all 6 samples, in float64
+    model = WeTokAR(load_config(recipe).model_config().replace(grid_height=2, grid_width=3, groups=2,
+                                                               bits_per_group=3, num_classes=3))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    val = TokenDataset(tmp_path / "val")
+    indices = torch.stack([val[i][0] for i in range(len(val))])
+    labels = torch.stack([val[i][1] for i in range(len(val))])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(indices, labels).double(), dim=-1)
+    picked = logp.gather(-1, indices[..., None]).squeeze(-1)  # (N, h, w, g)
+    expected = -picked.mean(dim=(0, 1, 2)).sum().item()
+    assert _logged(tmp_path / "run", "val/loss")[-1] == pytest.approx(expected, rel=1e-5)
+    assert cli_main(["export", str(tmp_path / "run"), "-o", str(tmp_path / "model")]) == 0
+    assert max_abs_diff(WeTokAR.from_pretrained(tmp_path / "model").state_dict(), ckpt["model"]) == 0.0
+
+
 # ------------------------------------------------------------------------------- sample grids, export, resume
 @pytest.fixture(scope="module")
 def tokenizer_run(tmp_path_factory):

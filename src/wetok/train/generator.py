@@ -118,7 +118,8 @@ def load_tokenizer(spec: str, tokenizer_id: str | None = None, *, source: object
 def tokenizer_spec(cfg: Any, data: Any) -> str | None:
     """``model.tokenizer``, else the tokenizer named in the shards when it is a local folder or file."""
     if cfg.model.tokenizer:
-        return cfg.model.tokenizer
+        spec = cfg.model.tokenizer
+        return str(Path(spec).resolve()) if Path(spec).exists() else spec
     name = data.tokenizer_name
     return str(Path(name).resolve()) if name and Path(name).exists() else None
 
@@ -276,15 +277,12 @@ class GeneratorTask(Task):
         """The training loss (sum over sub-tokens of the mean cross-entropy) of ``model`` in eval mode (no class
         or other dropout) on the validation tokens, averaged over samples of all processes."""
         device = self.fabric.device
-        was_training = model.training
-        model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=device)
         for batch in loader:
             indices, labels = batch["indices"].to(device), batch["labels"].to(device)
             with self.fabric.autocast():
                 loss = model.loss(indices, labels)
             sums += torch.stack([loss.double() * len(labels), torch.tensor(len(labels), device=device).double()])
-        model.train(was_training)
         sums = self.fabric.all_reduce(sums, reduce_op="sum")
         return {"val/loss": sums[0].item() / max(sums[1].item(), 1.0)}
 

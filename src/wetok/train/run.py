@@ -98,6 +98,18 @@ def _rng_untouched(device: torch.device) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode, each submodule's own mode restored afterwards (stage 2 mixes modes)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def _keeps_rng(method: Callable[..., Any]) -> Callable[..., Any]:
     """Method decorator: :func:`_rng_untouched` around a method of :class:`_Run`."""
 
@@ -235,16 +247,15 @@ class _Run:
     # ------------------------------------------------------------------------------- validation and images
     @_keeps_rng
     def validate(self, loader) -> dict[str, float]:
-        with torch.no_grad():
-            return self.task.validate(self.eval_model, loader)
+        with torch.no_grad(), _eval_mode(self.eval_model) as model:
+            return self.task.validate(model, loader)
 
     @_keeps_rng
     def save_images(self, preview: Any, batches: list[dict[str, Any]]) -> None:
         if self.rank != 0:
             return
-        with torch.no_grad():
-            self.task.save_images(self.eval_model, preview, batches,
-                                  self.output / "images" / f"step-{self.step:08d}.png")
+        with torch.no_grad(), _eval_mode(self.eval_model) as model:
+            self.task.save_images(model, preview, batches, self.output / "images" / f"step-{self.step:08d}.png")
 
     @_keeps_rng
     def preview(self, loader) -> Any:

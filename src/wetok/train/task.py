@@ -78,7 +78,8 @@ class Task:
         return None
 
     def validate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
-        """Validation figures of ``model`` (the EMA model, or the live one without EMA), reduced over processes."""
+        """Validation figures of ``model`` (the EMA model, or the live one without EMA; in eval mode and without
+        gradients), reduced over processes."""
         return {}
 
     def preview(self, loader: DataLoader | None) -> Any:
@@ -86,4 +87,5 @@ class Task:
         return None
 
     def save_images(self, model: nn.Module, preview: Any, batches: list[dict[str, Any]], path: Path) -> None:
-        """Write the image grid of this step to ``path`` (rank 0, under an untouched global RNG)."""
+        """Write the image grid of this step to ``path`` (rank 0, ``model`` as in :meth:`validate`, under an
+        untouched global RNG)."""
