@@ -115,6 +115,9 @@ def test_generator_config_errors(tmp_path):
     cfg = load_config(recipe, [f"data.train={tmp_path / 'tok'}", "model.overrides.groups=3"])
     with pytest.raises(InputError, match=r"tok: model.overrides disagree with the token shards \(groups 3 vs 2\)"):
         train(cfg, tmp_path / "run")
+    cfg = load_config(recipe, [f"data.train={tmp_path / 'tok'}", "samples.classes=[0,3]"])
+    with pytest.raises(InputError, match=r"samples.classes \[3\] are not classes of the token data set \(0..2\)"):
+        train(cfg, tmp_path / "run")
     assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
 
 
