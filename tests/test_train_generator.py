@@ -230,6 +230,20 @@ def test_export_writes_the_ema_generator_and_its_tokenizer(tokenizer_run, tmp_pa
     assert max_abs_diff(WeTokAR.from_pretrained(tmp_path / "raw").state_dict(), ckpt["model"]) == 0.0
 
 
+def test_warm_start_from_a_generator_checkpoint(tokenizer_run, tmp_path):
+    root, cfg, last, _ = tokenizer_run
+    ema = {k.removeprefix("module."): v for k, v in load_training_checkpoint(last)["ema"].items()
+           if k.startswith("module.")}
+    warm = load_config(root / "ar.yaml", [f"data.train={root / 'tok'}", f"model.init={last}", "optim.lr=1e-12",
+                                          "trainer.max_steps=1", "trainer.checkpoint_every=1"])
+    ckpt = load_training_checkpoint(train(warm, tmp_path / "warm"))
+    assert max_abs_diff(ckpt["model"], ema) < 1e-9  # started from the EMA weights; a 1e-12 lr barely moves them
+    wider = load_config(root / "ar.yaml", [f"data.train={root / 'tok'}", f"model.init={last}",
+                                           "model.overrides.dim=48", "model.overrides.n_head=4"])
+    with pytest.raises(InputError, match=r"model.init has another architecture than the recipe \(dim, ffn_hidden"):
+        train(wider, tmp_path / "wider")
+
+
 def test_resume_refuses_other_tokens(tokenizer_run, tmp_path):
     root, _, _, _ = tokenizer_run
     shutil.copytree(root / "run", tmp_path / "run")
