@@ -240,7 +240,7 @@ def test_warm_start_from_a_generator_checkpoint(tokenizer_run, tmp_path):
     assert max_abs_diff(ckpt["model"], ema) < 1e-9  # started from the EMA weights; a 1e-12 lr barely moves them
     wider = load_config(root / "ar.yaml", [f"data.train={root / 'tok'}", f"model.init={last}",
                                            "model.overrides.dim=48", "model.overrides.n_head=4"])
-    with pytest.raises(InputError, match=r"model.init has another architecture than the recipe \(dim, ffn_hidden"):
+    with pytest.raises(InputError, match=r"model.init has another architecture than the recipe \(dim, n_head\)"):
         train(wider, tmp_path / "wider")
 
 
