@@ -104,3 +104,40 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | Path | None, 
     except Exception as err:  # network, auth, offline-mode and missing-repo errors all end here
         raise InputError(repo_id, f"cannot fetch from the Hugging Face Hub: {err}") from err
     return Path(local)
+
+
+def load_generator(
+    spec: str | Path,
+    config: str | Path | None = None,
+    *,
+    random_init: bool = False,
+    device: torch.device | str | None = None,
+) -> WeTokAR:
+    """Resolve what a user passes as a generator ``--model``.
+
+    A ``.ckpt`` file: an official AR checkpoint, with ``config`` (its GenStage YAML or a generator preset name).
+    A folder: the native format. A generator preset name: a randomly initialised model, only with
+    ``random_init`` (a name without published weights). Anything else of the form ``owner/name``: a Hub repo id.
+    """
+    from .config import get_ar_config, is_ar_preset
+    from .model import WeTokAR
+
+    spec = str(spec)
+    if spec.endswith(".ckpt"):
+        if config is None:
+            raise InputError(spec, "an official .ckpt needs its GenStage YAML config (--config) or a preset name")
+        from .official import load_official_ar
+
+        model = load_official_ar(spec, config)
+    elif Path(spec).is_dir():
+        model = load_pretrained_ar(spec)
+    elif is_ar_preset(spec):
+        if not random_init:
+            raise InputError(spec, "a generator configuration without published weights; pass --random-init for "
+                                   "a randomly initialised model")
+        model = WeTokAR(get_ar_config(spec)).eval()
+    elif random_init:
+        raise InputError(spec, "--random-init takes a generator preset name")
+    else:
+        model = load_pretrained_ar(spec)
+    return model.to(device) if device is not None else model
