@@ -5,11 +5,12 @@ Data path: class -> transformer -> sub-token logits -> sampler -> tokens -> the 
 
 from .config import AR_PRESETS, WeTokARConfig, get_ar_config, is_ar_preset, list_ar_presets
 from .model import WeTokAR
-from .sampler import KVCache, generate, guide, sample_logits, top_k_filter, top_p_filter
+from .sampler import KVCache, SamplingSettings, generate, guide, sample_logits, top_k_filter, top_p_filter
 
 __all__ = [
     "AR_PRESETS",
     "KVCache",
+    "SamplingSettings",
     "WeTokAR",
     "WeTokARConfig",
     "generate",
