@@ -13,7 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "decode",
         help="decode token files to images",
         description="Decode token files (.json or .wtok; files, folders, glob patterns) to images at their "
-        "original size. The files must come from a model with the same architecture as --model; JSON files "
+        "original size. The files must come from --model (same architecture and, where the file records it, the "
+        "same encoder weights; a stage-2 model decodes its stage-1 model's tokens); JSON files "
         "written by the public fork's generate_wetok.py are read with --model's geometry.",
     )
     p.add_argument("inputs", nargs="+", metavar="TOKENS", help="token files, folders or glob patterns")
@@ -27,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..pipeline import decode
     from ..tokens import load_tokens
 
     items, errors = common.expand_inputs(args.inputs, "tokens")
@@ -35,14 +37,14 @@ def run(args: argparse.Namespace) -> int:
     model, _ = common.load_model_from_args(args)
 
     def work(item: common.Item) -> None:
-        record = load_tokens(item.path, model.config)
+        record = load_tokens(item.path, model)
         batch = record.indices.shape[0]
         targets = []
         for i in range(batch):
             name = item if batch == 1 else common.Item(item.path, f"{item.name}_{i}")
             targets.append(common.output_path(out, name, len(items) * batch, ".png", common.IMAGE_OUTPUT_SUFFIXES))
-        pixels = common.decode_indices(model, record.indices, args.tile, args.seed, common.show_progress(args))
-        for i, target in enumerate(targets):
-            common.save_image(common.finish_image(pixels[i : i + 1], record.padding, record.original_size), target)
+        images = decode(model, record, tile=args.tile, seed=args.seed, progress=common.show_progress(args))
+        for image, target in zip(images, targets, strict=True):
+            common.save_image(image, target)
 
     return common.run_batch(args, items, errors, work, unit="file")

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..data import ImageDataset, collate_skip_bad, eval_transform, find_images
 from ..errors import InputError, WetokError
+from .checkpoints import CHECKPOINT_DIR, LAST_POINTER, latest_checkpoint
 from .config import TrainConfig
 from .data import CropSpec, build_train_loader, list_files
 from .ema import EMA
@@ -45,8 +46,6 @@ __all__ = ["train", "latest_checkpoint", "lr_factor"]
 
 log = logging.getLogger("wetok.train")
 
-CHECKPOINT_DIR = "checkpoints"
-LAST_POINTER = "last"
 CHECKPOINT_VERSION = 1
 # Fault injection for the resume test: SIGKILL this process in the middle of the step after this one.
 _KILL_ENV = "WETOK_TEST_KILL_AFTER_STEP"
@@ -62,24 +61,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1.0 - progress
     return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * shape
-
-
-def pointed_checkpoint(pointer: str | Path) -> Path:
-    """The checkpoint a ``checkpoints/last`` pointer names (a one-line text file; the file may be gone)."""
-    pointer = Path(pointer)
-    return pointer.parent / pointer.read_text().strip()
-
-
-def latest_checkpoint(output: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run directory (the ``checkpoints/last`` pointer, else the highest step)."""
-    folder = Path(output) / CHECKPOINT_DIR
-    pointer = folder / LAST_POINTER
-    if pointer.is_file():
-        candidate = pointed_checkpoint(pointer)
-        if candidate.is_file():
-            return candidate
-    found = sorted(folder.glob("step-*.pt"))
-    return found[-1] if found else None
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
