@@ -3,21 +3,20 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import FIXTURES, REPO
 from wetok import WeTok
 from wetok.cli.sample import parse_classes, parse_scales
 from wetok.errors import InputError
 from wetok.generation import WeTokAR
 from wetok.image import to_uint8
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = REPO / "src"
 
 
 def wetok(*args: str) -> subprocess.CompletedProcess:
@@ -68,10 +67,9 @@ def test_sample_writes_pngs_grid_and_npz(saved, tmp_path):
     assert np.array_equal(np.concatenate(expected), arr)
 
 
+@pytest.mark.shared(FIXTURES / "tiny_ar_g4b8.ckpt", FIXTURES / "tiny_ds16_g4.ckpt")
 def test_sample_official_checkpoint_with_official_tokenizer(tmp_path):
     """An official AR checkpoint (the fixture, 8 x 8 positions) decoded by the official tokenizer fixture."""
-    if not (FIXTURES / "tiny_ar_g4b8.ckpt").is_file():
-        pytest.skip("official fixtures not found beside the project")
     out = tmp_path / "official"
     result = wetok("sample", "1", "4", "--model", str(FIXTURES / "tiny_ar_g4b8.ckpt"), "--config",
                    str(FIXTURES / "tiny_ar_g4b8.yaml"), "--tokenizer", str(FIXTURES / "tiny_ds16_g4.ckpt"),
@@ -80,6 +78,16 @@ def test_sample_official_checkpoint_with_official_tokenizer(tmp_path):
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["1_0.png", "4_0.png"]
     assert Image.open(out / "1_0.png").size == (128, 128)  # 8 x 8 positions, f = 16
+
+
+def test_sample_random_init_presets(tmp_path):
+    out = tmp_path / "random"
+    result = wetok("sample", "0", "9", "--model", "ar-tiny", "--random-init", "--tokenizer", "tiny-f8",
+                   "--tokenizer-random-init", "--top-k", "1", "--dtype", "bfloat16", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["0_0.png", "9_0.png"]
+    assert Image.open(out / "0_0.png").size == (64, 64)  # ar-tiny: 8 x 8 positions; tiny-f8: f = 8
+    assert result.stderr.count("randomly initialised") == 2  # both models announced
 
 
 @pytest.mark.parametrize("case", ["unknown class", "tokenizer mismatch", "corrupt weights", "preset without flag",
@@ -92,7 +100,7 @@ def test_sample_bad_input_one_line_exit_2_nothing_written(saved, tmp_path, case)
     if case == "unknown class":
         classes = ["3-5"]  # the model has classes 0-4
     elif case == "tokenizer mismatch":
-        extra = ["--tokenizer", "small-f8"]  # 4 groups of 8 bits; the generator's sub-tokens have 4 bits
+        extra = ["--tokenizer", "small-f8", "--tokenizer-random-init"]  # 4 x 8 bits; the generator has 4 x 4
     elif case == "corrupt weights":
         broken = tmp_path / "broken"
         broken.mkdir()
@@ -100,7 +108,7 @@ def test_sample_bad_input_one_line_exit_2_nothing_written(saved, tmp_path, case)
         (broken / "model.safetensors").write_bytes(b"\0" * 64)
         model = ["--model", str(broken)]
     elif case == "preset without flag":
-        model = ["--model", "ar-tiny", "--tokenizer", "tiny-f8"]
+        model = ["--model", "ar-tiny", "--tokenizer", "tiny-f8", "--tokenizer-random-init"]
     elif case == "bad cfg":
         extra = ["--cfg", "1.5,2"]  # neither one value nor one per sub-token (4)
     out, npz = tmp_path / "out", tmp_path / "x.npz"

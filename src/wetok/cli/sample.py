@@ -13,7 +13,7 @@ from PIL import Image
 
 from .._files import atomic_write
 from ..errors import InputError
-from ..image import to_uint8
+from ..generation.images import iter_images
 from . import common
 
 
@@ -52,11 +52,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "preset name with --random-init")
     g.add_argument("--config", default=None, help="the GenStage YAML (or a generator preset) of a .ckpt --model")
     g.add_argument("--random-init", action="store_true",
-                   help="--model names a generator preset: build it with random weights (seed 0)")
+                   help="--model is a registered generator name: build it with random weights (seed 0)")
     g.add_argument("--tokenizer", default=None,
-                   help="tokenizer that decodes the tokens (any wetok --model spec); default: the one stored with "
-                   "the generator (its folder's tokenizer/ or the official checkpoint's first stage)")
+                   help="tokenizer that decodes the tokens (same forms as the other commands' --model); default: "
+                   "the one stored with the generator (its folder's tokenizer/ or the official checkpoint's first "
+                   "stage)")
     g.add_argument("--tokenizer-config", default=None, help="the YAML config (or preset) of a .ckpt --tokenizer")
+    g.add_argument("--tokenizer-random-init", action="store_true",
+                   help="--tokenizer is a registered name: build it with random weights (seed 0)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32",
                    help="precision of the generator (default float32; auto: bfloat16 where the device has native "
@@ -99,19 +102,24 @@ def parse_scales(text: str, groups: int) -> list[float]:
 
 def load_models(args: argparse.Namespace, device: torch.device):
     """The generator (in --dtype) and the tokenizer (float32), checked against each other."""
-    from ..checkpoints import load_model
     from ..fast import resolve_dtype
     from ..generation.pretrained import load_generator
+    from .models import load_model, random_init_note
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # random-init presets: the same weights on every run
-        ar = load_generator(args.model, args.config, random_init=args.random_init)
-        if args.tokenizer is not None:
-            tokenizer = load_model(args.tokenizer, args.tokenizer_config)
-        elif ar.tokenizer is not None:
-            tokenizer = ar.tokenizer
-        else:
-            raise InputError(args.model, "has no tokenizer stored with it; pass --tokenizer")
+    ar = load_generator(args.model, args.config, random_init=args.random_init, progress=not args.quiet)
+    if args.random_init:
+        common.note(args, random_init_note(args.model))
+    if args.tokenizer is not None:
+        tokenizer = load_model(args.tokenizer, args.tokenizer_config, random_init=args.tokenizer_random_init,
+                               progress=not args.quiet)
+        if args.tokenizer_random_init:
+            common.note(args, random_init_note(args.tokenizer))
+    elif args.tokenizer_random_init:
+        raise InputError("--tokenizer-random-init", "needs --tokenizer")
+    elif ar.tokenizer is not None:
+        tokenizer = ar.tokenizer
+    else:
+        raise InputError(args.model, "has no tokenizer stored with it; pass --tokenizer")
     cfg, tok = ar.config, tokenizer.config
     if (tok.groups, tok.bits_per_group) != (cfg.groups, cfg.bits_per_group):
         raise InputError(args.tokenizer or args.model,
@@ -150,27 +158,28 @@ def run(args: argparse.Namespace) -> int:
         k = seen[c] = seen.get(c, -1) + 1
         names.append(f"{c:0{class_digits}d}_{k:0{k_digits}d}.png")
     f = tokenizer.config.downsample_factor
-    height, width_px = cfg.grid_height * f, cfg.grid_width * f
+    height, width = cfg.grid_height * f, cfg.grid_width * f
     show = common.show_progress(args)
-    generator = torch.Generator(device).manual_seed(args.seed)
+    batches = iter_images(ar, labels, tokenizer=tokenizer, batch_size=args.batch_size, noise_seed=args.seed,
+                          generator=torch.Generator(device).manual_seed(args.seed), progress=show,
+                          cfg_scale=scales, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          compile=args.compile)
     keep_for_grid: list[np.ndarray] = []
 
     def produce(npz_tmp: Path | None) -> None:
-        npz = _NpyStream(npz_tmp, (len(labels), height, width_px, 3)) if npz_tmp is not None else None
+        npz = _NpyStream(npz_tmp, (len(labels), height, width, 3)) if npz_tmp is not None else None
+        done = 0
         with tqdm(total=len(labels), desc="wetok sample", unit="image", disable=not show) as bar:
-            for start in range(0, len(labels), args.batch_size):
-                batch = labels[start:start + args.batch_size]
-                indices = ar.generate(batch, cfg_scale=scales, temperature=args.temperature, top_k=args.top_k,
-                                      top_p=args.top_p, generator=generator, compile=args.compile, progress=show)
-                pixels = common.decode_indices(tokenizer, indices, None, args.seed + start, False)
-                images = to_uint8(pixels).permute(0, 2, 3, 1).cpu().numpy()
-                for image, name in zip(images, names[start:start + len(batch)], strict=True):
+            for _, batch in batches:
+                images = batch.numpy()
+                for image, name in zip(images, names[done:done + len(images)], strict=True):
                     common.save_image(Image.fromarray(image), out / name)
                 if npz is not None:
                     npz.write(images)
                 if args.grid is not None:
                     keep_for_grid.extend(images)
-                bar.update(len(batch))
+                done += len(images)
+                bar.update(len(images))
         if npz is not None:
             npz.close()
 
