@@ -173,6 +173,7 @@ class WeTokAR(nn.Module):
         self.norm = RMSNorm(d, config.norm_eps)
         self.head = nn.ModuleList(nn.Linear(d, config.vocab_size, bias=False) for _ in range(g))
         self.tokenizer: Any = None  # a WeTok attached by the loaders; not a submodule (see __setattr__)
+        self.name_or_path: str | None = None  # the name or path it was loaded from
         self._rope: dict[torch.device, Tensor] = {}
         self.reset_parameters()
 
@@ -265,8 +266,10 @@ class WeTokAR(nn.Module):
         top_p: float | Sequence[float] = 1.0,
         generator: torch.Generator | None = None,
         **kwargs: Any,
-    ) -> Tensor:
-        """Sample token maps (B, h, w, g) for class ``labels``; see :func:`wetok.generation.sampler.generate`."""
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Sample token maps int64 (B, h, w, g) for class ``labels`` (B,); ``cfg_scale`` and the filters take one
+        value or one per sub-token. Keyword options (``compile``, ``progress``, ``return_logits``) and the details
+        are those of :func:`wetok.generation.sampler.generate`."""
         from .sampler import generate
 
         return generate(self, labels, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
