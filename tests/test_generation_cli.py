@@ -91,7 +91,7 @@ def test_sample_random_init_presets(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unknown class", "tokenizer mismatch", "corrupt weights", "preset without flag",
-                                  "bad cfg"])
+                                  "bad cfg", "grid type"])
 def test_sample_bad_input_one_line_exit_2_nothing_written(saved, tmp_path, case):
     _, folder = saved
     model = ["--model", str(folder)]
@@ -111,6 +111,8 @@ def test_sample_bad_input_one_line_exit_2_nothing_written(saved, tmp_path, case)
         model = ["--model", "ar-tiny", "--tokenizer", "tiny-f8", "--tokenizer-random-init"]
     elif case == "bad cfg":
         extra = ["--cfg", "1.5,2"]  # neither one value nor one per sub-token (4)
+    elif case == "grid type":
+        extra = ["--grid", str(tmp_path / "grid.xyz")]  # refused before sampling, not after
     out, npz = tmp_path / "out", tmp_path / "x.npz"
     result = wetok("sample", *classes, *model, *extra, "-o", str(out), "--npz", str(npz), "-q")
     assert result.returncode == 2

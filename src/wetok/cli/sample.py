@@ -14,6 +14,8 @@ from PIL import Image
 from .._files import atomic_write
 from ..errors import InputError
 from ..generation.images import iter_images
+from ..generation.model import WeTokAR
+from ..model import WeTok
 from . import common
 
 
@@ -100,7 +102,7 @@ def parse_scales(text: str, groups: int) -> list[float]:
     return scales * groups if len(scales) == 1 else scales
 
 
-def load_models(args: argparse.Namespace, device: torch.device):
+def load_models(args: argparse.Namespace, device: torch.device) -> tuple[WeTokAR, WeTok]:
     """The generator (in --dtype) and the tokenizer (float32), checked against each other."""
     from ..fast import resolve_dtype
     from ..generation.pretrained import load_generator
@@ -144,6 +146,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(out, "exists and is not a folder")
     if args.npz is not None and Path(args.npz).suffix != ".npz":
         raise InputError(args.npz, "the --npz output must end in .npz")
+    grid_path = None if args.grid is None else Path(args.grid) if args.grid else out / "grid.png"
+    if grid_path is not None and grid_path.suffix.lower() not in common.IMAGE_OUTPUT_SUFFIXES:
+        raise InputError(grid_path, f"unsupported image type (use one of {' '.join(common.IMAGE_OUTPUT_SUFFIXES)})")
     device = common.resolve_device(args.device)
     ar, tokenizer = load_models(args, device)
     cfg = ar.config
@@ -176,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
                     common.save_image(Image.fromarray(image), out / name)
                 if npz is not None:
                     npz.write(images)
-                if args.grid is not None:
+                if grid_path is not None:
                     keep_for_grid.extend(images)
                 done += len(images)
                 bar.update(len(images))
@@ -188,8 +193,7 @@ def run(args: argparse.Namespace) -> int:
         atomic_write(args.npz, produce, suffix=".npz")
     else:
         produce(None)
-    if args.grid is not None:
-        grid_path = Path(args.grid) if args.grid else out / "grid.png"
+    if grid_path is not None:
         common.save_image(_grid(keep_for_grid, labels), grid_path)
     common.note(args, f"wrote {len(labels)} images to {out}")
     return 0
