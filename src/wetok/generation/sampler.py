@@ -29,8 +29,8 @@ class KVCache:
     def __init__(self, layers: int, batch: int, heads: int, length: int, head_dim: int, *,
                  dtype: torch.dtype, device: torch.device) -> None:
         shape = (layers, batch, heads, length, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys = torch.empty(shape, dtype=dtype, device=device)  # only written slots are ever read
+        self.values = torch.empty(shape, dtype=dtype, device=device)
         self.layers = [(self.keys[i], self.values[i]) for i in range(layers)]
 
     @classmethod
