@@ -129,3 +129,16 @@ def test_argument_parsing():
             parse_classes(bad, 20)
     assert parse_scales("2", 4) == [2.0] * 4
     assert parse_scales("1,2,3,4", 4) == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_generate_images_checks_the_tokenizer(saved):
+    from wetok.generation import generate_images
+
+    model, _ = saved
+    images = generate_images(model, [1, 2, 3], batch_size=2, cfg_scale=2.0, top_k=1)
+    assert images.shape == (3, 16, 16, 3) and images.dtype == torch.uint8
+    with torch.no_grad():
+        expected = to_uint8(model.tokenizer.decode(model.generate([1, 2, 3], cfg_scale=2.0, top_k=1)))
+    assert torch.equal(images, expected.permute(0, 2, 3, 1))  # greedy: batches do not change the draws
+    with pytest.raises(ValueError, match="groups"):
+        generate_images(model, [0], tokenizer=WeTok.from_preset("small-f8"))
