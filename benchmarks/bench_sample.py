@@ -104,6 +104,25 @@ def time_baseline(model: WeTokAR, batch: int, scale: float, points: list[int],
     return integrate(wall), integrate(cpu), f"extrapolated linearly from single positions, wall {detail}"
 
 
+def bench_attention(reps: int) -> None:
+    """One query over a full cache: PyTorch's SDPA against wetok's plain-matmul attend_one, per dtype."""
+    import torch.nn.functional as F
+
+    from wetok.generation.model import attend_one
+
+    gen = torch.Generator().manual_seed(0)
+    for rows, length in [(2, 256), (16, 256), (16, 64)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k, v = (torch.randn(rows, 16, n, 64, generator=gen).to(dtype) for n in (1, length, length))
+            err = (F.scaled_dot_product_attention(q, k, v).float() - attend_one(q, k, v).float()).abs().max()
+            runs = {"sdpa": lambda q=q, k=k, v=v: [F.scaled_dot_product_attention(q, k, v) for _ in range(20)],
+                    "attend_one": lambda q=q, k=k, v=v: [attend_one(q, k, v) for _ in range(20)]}
+            _, cpu = interleaved(runs, reps, log=False)
+            sdpa, ours = statistics.median(cpu["sdpa"]) / 20, statistics.median(cpu["attend_one"]) / 20
+            print(f"  rows {rows:2d}, 16 heads x 64, {length} keys, {str(dtype)[6:]:8}: SDPA {sdpa * 1e3:.3f} ms, "
+                  f"attend_one {ours * 1e3:.3f} ms CPU: {sdpa / ours:.2f}x (max |diff| {err:.1e})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="llama_B_GFQ")
@@ -114,10 +133,15 @@ def main() -> None:
                    help="positions at which the straightforward sampler is timed; 'all' runs it in full")
     p.add_argument("--compile", action="store_true", help="also time the cached sampler with torch.compile")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--attention-only", action="store_true",
+                   help="only time one-query attention: torch's SDPA against attend_one (the sampler's)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(machine())
+    if args.attention_only:
+        bench_attention(max(args.reps, 5))
+        return
     with open("/proc/cpuinfo") as f:
         flags = next((line for line in f if line.startswith("flags")), "").split()
     print(f"amx_bf16: {'amx_bf16' in flags}, avx512_bf16: {'avx512_bf16' in flags}")

@@ -76,8 +76,8 @@ class RMSNorm(nn.Module):
 def attend_one(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Attention of one query per row (B, H, 1, D) over all keys (B, H, T, D), softmax in float32.
 
-    Plain matmuls: for a single query, PyTorch's CPU SDPA kernels are slower (1.2x in float32, 4-6x in
-    bfloat16 at the sampler's shapes)."""
+    Plain matmuls rather than SDPA: for a single query PyTorch's CPU SDPA kernels are slower, above all in
+    bfloat16 (``benchmarks/bench_sample.py --attention-only``)."""
     scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
     return torch.softmax(scores, dim=-1).to(v.dtype) @ v
 
