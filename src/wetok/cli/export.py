@@ -1,4 +1,5 @@
-"""``wetok export CHECKPOINT -o DIR``: the EMA weights of a training checkpoint in the native format."""
+"""``wetok export CHECKPOINT -o DIR``: the EMA weights of a training checkpoint (tokenizer or generator) in the
+native format."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export",
         help="write the EMA weights of a training checkpoint as a native model folder",
-        description="Write config.json + model.safetensors (the EMA weights, or --raw for the live weights) of a "
-        "`wetok train` checkpoint into DIR, loadable with WeTok.from_pretrained / --model DIR.",
+        description="Write config.json + model.safetensors (the EMA weights, or --raw for the live weights; the "
+        "live ones when the run kept no EMA) of a `wetok train` checkpoint into DIR. A tokenizer run gives a "
+        "folder for WeTok.from_pretrained / --model DIR; a generator run one for WeTokAR.from_pretrained, with "
+        "its tokenizer in DIR/tokenizer when the run knew it.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoints/step-*.pt file, or a run folder (its last)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output model folder")

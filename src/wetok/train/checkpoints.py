@@ -3,14 +3,12 @@ to the native format (``wetok export``)."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._files import current_umask
+from .._files import atomic_folder
 from ..config import WeTokConfig
 from ..errors import InputError
 from ..model import WeTok
@@ -86,9 +84,12 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], *, ema: bool = True, source: object = "checkpoint") -> WeTok:
-    """The EMA (default) or live generator of a training checkpoint, as a :class:`WeTok` in eval mode."""
+    """The EMA (default; the live weights when the run kept no EMA) or live tokenizer of a tokenizer training
+    checkpoint, as a :class:`WeTok` in eval mode."""
+    if ckpt.get("task", "tokenizer") != "tokenizer":
+        raise InputError(source, f"is a {ckpt['task']} training checkpoint, not a tokenizer's")
     model = WeTok(WeTokConfig.from_dict(ckpt["model_config"]))
-    if ema:
+    if ema and ckpt["ema"] is not None:
         state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
     else:
         state = ckpt["generator"]
@@ -108,22 +109,16 @@ def load_checkpoint_model(path: str | Path, *, ema: bool = True) -> WeTok:
 def export(checkpoint: str | Path, output: str | Path, *, ema: bool = True) -> Path:
     """Write the model of a training checkpoint (or of a run folder's last checkpoint) to ``output`` as a native
     model folder; a new folder appears whole (written under a temporary name, then renamed)."""
+    from .generator import generator_from_checkpoint
+
     output = Path(output)
-    model = load_checkpoint_model(checkpoint, ema=ema)
+    checkpoint = resolve_checkpoint(checkpoint)
+    ckpt = load_training_checkpoint(checkpoint)
+    build = generator_from_checkpoint if ckpt.get("task") == "generator" else model_from_checkpoint
+    model = build(ckpt, ema=ema, source=checkpoint)
     if output.exists() and not output.is_dir():
         raise InputError(output, "exists and is not a folder")
     if output.is_dir() and any(output.iterdir()):
         model.save_pretrained(output)  # each file is written to a temporary name, then renamed
         return output
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700 folders; give the usual permissions
-        model.save_pretrained(tmp)
-        if output.is_dir():
-            output.rmdir()
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output
+    return atomic_folder(output, model.save_pretrained)
