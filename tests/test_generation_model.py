@@ -233,3 +233,18 @@ def test_registry_and_generator_resolver():
         load_generator("ar-tiny")  # a configuration only: random weights must be asked for
     with pytest.raises(InputError, match="not a generator"):
         load_generator("tiny-f8", random_init=True)
+
+
+@needs_fixture
+def test_official_derived_buffers_are_skipped(tmp_path):
+    """RoPE tables, masks and sampling caches, should a checkpoint carry them, are recomputed, not loaded."""
+    state = dict(torch.load(AR_CKPT, weights_only=True)["state_dict"])
+    state["transformer.freqs_cis"] = torch.zeros(65, 8, 2)
+    state["transformer.spatial_blocks.0.attention.kv_cache.k_cache"] = torch.zeros(1, 2, 64, 16)
+    torch.save({"state_dict": state}, tmp_path / "extra.ckpt")
+    model = WeTokAR.from_official(tmp_path / "extra.ckpt", AR_YAML)
+    assert torch.equal(model.rope(torch.device("cpu")), rope_table(model.config))
+    state["transformer.spatial_blocks.0.attention.bogus"] = torch.zeros(1)
+    torch.save({"state_dict": state}, tmp_path / "bogus.ckpt")
+    with pytest.raises(CheckpointError, match="bogus"):
+        WeTokAR.from_official(tmp_path / "bogus.ckpt", AR_YAML)

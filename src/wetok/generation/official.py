@@ -32,6 +32,8 @@ logger = logging.getLogger("wetok")
 
 TRANSFORMER_PREFIX = "transformer."
 TOKENIZER_PREFIX = "first_stage_model."
+#: Buffers a GPT may carry that are computed, not learned (RoPE table, causal mask, sampling caches).
+_DERIVED_MARKERS = ("freqs_cis", "causal_mask", "kv_cache")
 
 
 # ------------------------------------------------------------------------------------------------------ configs
@@ -170,7 +172,11 @@ def load_official_ar(
     ckpt = Path(ckpt)
     cfg, yaml_path = _resolve_config(config)
     state = tok_official._read_official_state(ckpt)
-    native = {official_to_native_key(k): v for k, v in state.items() if k.startswith(TRANSFORMER_PREFIX)}
+    derived = [k for k in state if k.startswith(TRANSFORMER_PREFIX) and any(m in k for m in _DERIVED_MARKERS)]
+    native = {official_to_native_key(k): v for k, v in state.items()
+              if k.startswith(TRANSFORMER_PREFIX) and k not in derived}
+    if derived:
+        logger.info("%s: skipped %d derived buffers (%s ...), recomputed here", ckpt, len(derived), derived[0])
     if not native:
         raise CheckpointError(f"{ckpt}: no transformer.* keys: not an official WeTok-AR checkpoint")
     model = WeTokAR(cfg)
