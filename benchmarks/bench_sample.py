@@ -44,7 +44,7 @@ def recompute_position(model: WeTokAR, rows: torch.Tensor, done: torch.Tensor, t
     prefix = done[:, :t].repeat(2, 1, 1)
     x = torch.cat([model.class_emb(rows), model.embed_position(prefix)], dim=1)
     seq = model.spatial(x)[:, -1:]
-    out = torch.empty(bsz, g, dtype=torch.long)
+    out = torch.empty(bsz, g, dtype=torch.long, device=done.device)
     for i in range(g):
         logits = model.head_logits(model.intra(seq)[:, -1], i).float()
         token = sample_logits(guide(logits[:bsz], logits[bsz:], scale), top_k=top_k, generator=generator)
@@ -53,11 +53,16 @@ def recompute_position(model: WeTokAR, rows: torch.Tensor, done: torch.Tensor, t
     return out
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def recompute_sample(model: WeTokAR, labels: torch.Tensor, scale: float,
                      generator: torch.Generator | None = None, top_k: int = 0) -> torch.Tensor:
     cfg = model.config
     rows = torch.cat([labels, torch.full_like(labels, cfg.null_class)])
-    done = torch.empty(labels.shape[0], cfg.num_positions, cfg.groups, dtype=torch.long)
+    done = torch.empty(labels.shape[0], cfg.num_positions, cfg.groups, dtype=torch.long, device=labels.device)
     for t in range(cfg.num_positions):
         done[:, t] = recompute_position(model, rows, done, t, scale, generator, top_k)
     return done.view(labels.shape[0], cfg.grid_height, cfg.grid_width, cfg.groups)
@@ -78,16 +83,18 @@ def time_baseline(model: WeTokAR, batch: int, scale: float, points: list[int],
     over ``reps`` at each)."""
     cfg = model.config
     n = cfg.num_positions
-    labels = torch.arange(batch) % cfg.num_classes
+    device = model.norm.weight.device
+    labels = torch.arange(batch, device=device) % cfg.num_classes
     rows = torch.cat([labels, torch.full_like(labels, cfg.null_class)])
-    done = torch.randint(0, cfg.vocab_size, (batch, n, cfg.groups))
-    gen = torch.Generator().manual_seed(0)
+    done = torch.randint(0, cfg.vocab_size, (batch, n, cfg.groups), device=device)
+    gen = torch.Generator(device).manual_seed(0)
     wall, cpu = {}, {}
     for t in points:
         times = []
         for _ in range(reps):
             start, start_cpu = time.perf_counter(), time.process_time()
             recompute_position(model, rows, done, t, scale, gen)
+            sync(device)
             times.append((time.perf_counter() - start, time.process_time() - start_cpu))
         wall[t], cpu[t] = min(w for w, _ in times), min(c for _, c in times)
 
@@ -133,6 +140,7 @@ def main() -> None:
                    help="positions at which the straightforward sampler is timed; 'all' runs it in full")
     p.add_argument("--compile", action="store_true", help="also time the cached sampler with torch.compile")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="torch device of the models (default cpu)")
     p.add_argument("--attention-only", action="store_true",
                    help="only time one-query attention: torch's SDPA against attend_one (the sampler's)")
     args = p.parse_args()
@@ -149,22 +157,28 @@ def main() -> None:
     print(f"straightforward sampler draws the same greedy samples as the cached one (ar-tiny): "
           f"{check_baseline_agrees()}")
 
-    model = random_model(args.preset)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(device)}")
+    model = random_model(args.preset).to(device)
     cfg = model.config
-    model_bf16 = random_model(args.preset).to(torch.bfloat16)
+    model_bf16 = random_model(args.preset).to(device=device, dtype=torch.bfloat16)
     print(f"{args.preset}: {model.num_parameters() / 1e6:.1f}M parameters, {cfg.grid_height}x{cfg.grid_width}"
           f"x{cfg.groups} sub-tokens of {cfg.bits_per_group} bits, guidance {args.cfg}")
     n = cfg.num_positions
     points = list(range(n)) if args.baseline_points == "all" else [int(x) for x in args.baseline_points.split(",")]
     for batch in [int(b) for b in args.batches.split(",")]:
-        labels = torch.arange(batch) % cfg.num_classes
+        labels = torch.arange(batch, device=device) % cfg.num_classes
 
         def cached(m: WeTokAR = model, compile: bool = False, labels: torch.Tensor = labels) -> None:
-            m.generate(labels, cfg_scale=args.cfg, generator=torch.Generator().manual_seed(0), compile=compile)
+            m.generate(labels, cfg_scale=args.cfg, generator=torch.Generator(device).manual_seed(0),
+                       compile=compile)
+            sync(device)
 
         runs = {"cached float32": cached, "cached bfloat16": lambda: cached(model_bf16)}
         if args.compile:
-            cached(model_bf16, compile=True)  # compile outside the timing
+            for _ in range(2):  # compile outside the timing (a second call settles the dynamic shapes)
+                cached(model_bf16, compile=True)
             runs["cached bfloat16 compiled"] = lambda: cached(model_bf16, compile=True)
         print(f"\nbatch {batch}:")
         wall, cpu = interleaved(runs, args.reps)

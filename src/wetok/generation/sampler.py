@@ -140,6 +140,7 @@ def _steps(model: WeTokAR, compile: bool) -> tuple[Callable[..., Tensor], Callab
 
     if not compile:
         return spatial_step, intra_step
+    model.rope(model.norm.weight.device)  # build the RoPE table outside the graphs (no recompile for it)
     compiled = model.__dict__.get("_compiled_steps")
     if compiled is None:
         compiled = (torch.compile(spatial_step, dynamic=True), torch.compile(intra_step))
