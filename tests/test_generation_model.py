@@ -248,3 +248,17 @@ def test_official_derived_buffers_are_skipped(tmp_path):
     torch.save({"state_dict": state}, tmp_path / "bogus.ckpt")
     with pytest.raises(CheckpointError, match="bogus"):
         WeTokAR.from_official(tmp_path / "bogus.ckpt", AR_YAML)
+
+
+def test_generator_resolver_reads_training_checkpoints(tmp_path):
+    from wetok.generation.pretrained import load_generator
+
+    model = tiny()
+    ckpt = {"task": "generator", "model_config": model.config.to_dict(), "ema": None, "model": model.state_dict()}
+    torch.save(ckpt, tmp_path / "step-1.pt")
+    loaded = load_generator(str(tmp_path / "step-1.pt"))
+    assert loaded.config == model.config and loaded.tokenizer is None
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    torch.save({**ckpt, "task": "tokenizer"}, tmp_path / "tok.pt")
+    with pytest.raises(InputError, match="not a generator"):
+        load_generator(str(tmp_path / "tok.pt"))

@@ -50,8 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "under 'arr_0' in this .npz")
     g = p.add_argument_group("models")
     g.add_argument("--model", required=True,
-                   help="generator: native folder, Hugging Face Hub id, official AR .ckpt (with --config), or a "
-                   "registered generator name (`wetok info`) with --random-init")
+                   help="generator: native folder, Hugging Face Hub id, wetok train generator checkpoint (.pt or "
+                   "run folder), official AR .ckpt (with --config), or a registered generator name (`wetok info`) "
+                   "with --random-init")
     g.add_argument("--config", default=None, help="the GenStage YAML (or a generator preset) of a .ckpt --model")
     g.add_argument("--random-init", action="store_true",
                    help="--model is a registered generator name: build it with random weights (seed 0)")

@@ -118,7 +118,8 @@ def load_generator(
     """Resolve what a user passes as a generator ``--model``.
 
     A ``.ckpt`` file: an official AR checkpoint, with ``config`` (its GenStage YAML or a generator preset name).
-    A folder: the native format. A registered generator name: its trained weights, or with ``random_init`` a
+    A ``wetok train`` generator checkpoint (``.pt``, a ``checkpoints/last`` pointer or a run folder): its EMA
+    weights, with the run's tokenizer attached when it still loads. A folder: the native format. A registered generator name: its trained weights, or with ``random_init`` a
     randomly initialised model of its configuration (seed 0, without touching the global RNG). Anything else of
     the form ``owner/name``: a Hub repo id.
     """
@@ -126,7 +127,12 @@ def load_generator(
     from .model import WeTokAR
 
     spec = str(spec)
-    entry = None if spec.endswith(".ckpt") or Path(spec).is_dir() else find_model(spec)
+    path = Path(spec)
+    run_folder = path.is_dir() and (path / "checkpoints").is_dir() and not (path / CONFIG_NAME).is_file()
+    if spec.endswith(".pt") or (path.name == "last" and path.is_file()) or run_folder:
+        model = _from_training_checkpoint(spec)
+        return model.to(device) if device is not None else model
+    entry = None if spec.endswith(".ckpt") or path.is_dir() else find_model(spec)
     if entry is not None and entry.family != "generator":
         raise InputError(spec, f"is a {entry.family}, not a generator")
     if random_init:
@@ -149,3 +155,16 @@ def load_generator(
         model = load_pretrained_ar(spec, progress=progress)
     model.name_or_path = spec
     return model.to(device) if device is not None else model
+
+
+def _from_training_checkpoint(spec: str) -> WeTokAR:
+    from ..train.checkpoints import load_training_checkpoint, resolve_checkpoint
+    from ..train.generator import generator_from_checkpoint
+
+    checkpoint = resolve_checkpoint(spec)
+    ckpt = load_training_checkpoint(checkpoint)
+    if ckpt.get("task", "tokenizer") != "generator":
+        raise InputError(checkpoint, f"is a {ckpt.get('task', 'tokenizer')} training checkpoint, not a generator's")
+    model = generator_from_checkpoint(ckpt, source=checkpoint)
+    model.name_or_path = str(checkpoint)
+    return model
