@@ -180,6 +180,9 @@ def generate(
     if labels.numel() and (labels.min() < 0 or labels.max() > cfg.num_classes):
         raise ValueError(f"labels must be in [0, {cfg.num_classes}] ({cfg.num_classes} = the null class)")
     settings = SamplingSettings.build(g, cfg_scale, temperature, top_k, top_p)
+    if labels.numel() == 0:
+        empty = torch.empty(0, cfg.grid_height, cfg.grid_width, g, dtype=torch.long, device=device)
+        return (empty, torch.empty(0, *empty.shape[1:], cfg.vocab_size, device=device)) if return_logits else empty
     copies = 2 if settings.guided else 1  # conditional rows, then unconditional rows: one batch
     rows = torch.cat([labels, torch.full_like(labels, cfg.null_class)]) if settings.guided else labels
     spatial_step, intra_step = _steps(model, compile)
