@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "train",
     "export",
     "tokenize",
+    "sample",
 )
 
 
