@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", required=True, help="training images, <class>/*.jpg")
     parser.add_argument("--test", required=True, help="test images, <class>/*.jpg")
     parser.add_argument("-o", "--output", required=True, help="where to write the weights (.pt)")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
