@@ -70,3 +70,46 @@ def max_abs_diff(a: dict, b: dict) -> float:
     return max(
         (a[k].double() - b[k].double()).abs().max().item() for k in a if torch.is_tensor(a[k]) and a[k].is_floating_point()
     )
+
+
+# ------------------------------------------------------------------------------------------- generator training
+TINY_AR_RECIPE = """\
+task: generator
+model:
+  preset: ar-tiny
+  overrides: {dim: 32, n_head: 2, spatial_layers: 1, intra_layers: 1}
+optim: {lr: 3.0e-3, betas: [0.9, 0.95], weight_decay: 0.05, grad_clip: 1.0}
+data: {batch_size: 4, micro_batch_size: 4, num_workers: 0, val_batch_size: 4}
+samples: {per_class: 2, cfg_scale: 1.5}
+trainer: {max_steps: 3, log_every: 1, val_every: 0, image_every: 0, checkpoint_every: 3, progress_bar: false}
+"""
+
+
+def make_token_shards(folder: Path, n: int, *, grid: tuple[int, int] = (2, 3), groups: int = 2, bits: int = 3,
+                      classes: int = 3, shards: int = 2, seed: int = 0, tokenizer_id: str = "t" * 16,
+                      tokenizer_name: str = "test", run: str | None = None) -> Path:
+    """A token data set as `wetok tokenize` writes it: ``n`` samples over ``shards`` shards, class c's token maps
+    mostly equal to c (mod 2^bits) with some random sub-tokens, so that there is something to learn."""
+    from wetok.token_shards import ShardIndex, index_dtype, shard_name, write_index, write_shard
+
+    rng = np.random.default_rng(seed)
+    index = ShardIndex(
+        run=run or f"run{seed:013d}", tokenizer={"id": tokenizer_id, "name": tokenizer_name}, groups=groups,
+        bits_per_group=bits, grid=grid, image_size=(grid[0] * 8, grid[1] * 8),
+        class_names=[f"class{c}" for c in range(classes)], views=["center"], preprocessing={}, source="test",
+        num_images=n,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    bounds = np.linspace(0, n, shards + 1).astype(int)
+    for number in range(shards):
+        count = int(bounds[number + 1] - bounds[number])
+        labels = rng.integers(0, classes, count)
+        indices = np.broadcast_to(labels[:, None, None, None], (count, *grid, groups)).copy()
+        noise = rng.random(indices.shape) < 0.3
+        indices[noise] = rng.integers(0, 1 << bits, int(noise.sum()))
+        write_shard(folder / shard_name(number), indices=(indices % (1 << bits)).astype(index_dtype(bits)),
+                    labels=labels, images=np.arange(count) + bounds[number], views=np.zeros(count, np.uint8),
+                    metadata={"format": "wetok-token-shards", "run": index.run, "shard": str(number)})
+        index.shards.append({"file": shard_name(number), "count": count})
+    write_index(folder, index)
+    return folder

@@ -1,4 +1,5 @@
-"""``wetok export CHECKPOINT -o DIR``: the EMA weights of a training checkpoint in the native format."""
+"""``wetok export CHECKPOINT -o DIR``: the EMA weights of a training checkpoint (tokenizer or generator) in the
+native format."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export",
         help="write the EMA weights of a training checkpoint as a native model folder",
-        description="Write config.json + model.safetensors (the EMA weights, or --raw for the live weights) of a "
-        "`wetok train` checkpoint into DIR, loadable with WeTok.from_pretrained / --model DIR.",
+        description="Write config.json + model.safetensors (the EMA weights, or --raw for the live weights; the "
+        "live ones when the run kept no EMA) of a `wetok train` checkpoint into DIR. A tokenizer run gives a "
+        "folder for WeTok.from_pretrained / --model DIR; a generator run one for WeTokAR.from_pretrained, with "
+        "its tokenizer in DIR/tokenizer when the run knew it.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoints/step-*.pt file, or a run folder (its last)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output model folder")
@@ -26,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def export(checkpoint: str | Path, output: str | Path, *, ema: bool = True) -> Path:
     """Write the model of a training checkpoint (or of a run folder's last checkpoint) to ``output``."""
+    from ..train.generator import generator_from_checkpoint
     from ..train.module import load_training_checkpoint, model_from_checkpoint
     from ..train.run import LAST_POINTER, latest_checkpoint, pointed_checkpoint
 
@@ -43,7 +47,9 @@ def export(checkpoint: str | Path, output: str | Path, *, ema: bool = True) -> P
             raise InputError(pointer, f"is not a readable checkpoints/last pointer ({err})") from None
         if not checkpoint.is_file():
             raise InputError(pointer, f"points to {checkpoint.name}, which does not exist")
-    model = model_from_checkpoint(load_training_checkpoint(checkpoint), ema=ema, source=checkpoint)
+    ckpt = load_training_checkpoint(checkpoint)
+    build = generator_from_checkpoint if ckpt.get("task") == "generator" else model_from_checkpoint
+    model = build(ckpt, ema=ema, source=checkpoint)
     if output.exists() and not output.is_dir():
         raise InputError(output, "exists and is not a folder")
     if output.is_dir() and any(output.iterdir()):

@@ -1,4 +1,5 @@
-"""``wetok train CONFIG [key=value ...] --output DIR [--resume]``: train a tokenizer (stage 1 or 2)."""
+"""``wetok train CONFIG [key=value ...] --output DIR [--resume]``: train a tokenizer (stage 1 or 2) or a generator
+(WeTok-AR on token shards)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
         usage=_USAGE,
-        help="train a tokenizer from a YAML recipe (stage 1 or stage 2)",
-        description="Train a tokenizer. CONFIG is a YAML recipe (configs/train/*.yaml); KEY=VALUE arguments "
-        "override it (e.g. data.train=/data/imagenet/train optim.lr=2e-4 trainer.max_steps=1000), before or "
-        "after the options. Multi-GPU: set trainer.devices, or launch under torchrun / SLURM.",
+        help="train a tokenizer (stage 1 or 2) or a generator from a YAML recipe",
+        description="Train a tokenizer, or with trainer.task=generator (task: generator in the recipe) a "
+        "class-conditional WeTok-AR generator on token shards made by `wetok tokenize`. CONFIG is a YAML recipe "
+        "(configs/train/*.yaml); KEY=VALUE arguments override it (e.g. data.train=/data/imagenet/train "
+        "optim.lr=2e-4 trainer.max_steps=1000), before or after the options. Multi-GPU: set trainer.devices, or "
+        "launch under torchrun / SLURM. A killed run continues exactly with --resume.",
     )
     p.add_argument("config", metavar="CONFIG", help="YAML training recipe")
     # argparse cannot mix positionals after options in a subcommand; the rest is parsed in run()

@@ -1,7 +1,9 @@
 """Training recipes: dataclasses, YAML loading and ``section.key=value`` overrides.
 
 A recipe is a YAML file with the sections below (every key optional; defaults are the official stage-1 settings
-of spec §4-5 except the model and data paths). ``load_config("recipe.yaml", ["optim.lr=2e-4"])`` applies the
+of spec §4-5 except the model and data paths). ``trainer.task`` (or a top-level ``task:`` key) chooses what is
+trained: ``tokenizer`` (WeTok, stages 1 and 2) or ``generator`` (WeTok-AR on token shards, spec §7.3); sections
+``loss`` and ``discriminator`` are tokenizer-only, ``samples`` is generator-only. ``load_config("recipe.yaml", ["optim.lr=2e-4"])`` applies the
 overrides after the file; override values are parsed as YAML (``1e-4`` is a float, ``null`` is None,
 ``[0.5,0.9]`` a list). Unknown keys are errors that name the file (or ``override``) and the key.
 """
@@ -25,6 +27,7 @@ __all__ = [
     "LossSection",
     "ModelSection",
     "OptimSection",
+    "SamplesSection",
     "TrainConfig",
     "TrainerSection",
     "load_config",
@@ -33,13 +36,19 @@ __all__ = [
 
 @dataclass
 class ModelSection:
-    """The tokenizer. ``preset`` names a registered configuration; ``overrides`` changes WeTokConfig fields
-    (e.g. the quantizer's loss weights, ``codebook_form``). ``init``: stage 2 (required) or a warm start for
-    stage 1: a training checkpoint (``.pt``, its EMA weights) or a native model directory."""
+    """The model trained. Tokenizer task: ``preset`` names a registered WeTok configuration; ``overrides`` changes
+    WeTokConfig fields (e.g. the quantizer's loss weights, ``codebook_form``); ``init``: stage 2 (required) or a
+    warm start for stage 1: a training checkpoint (``.pt``, its EMA weights) or a native model directory.
+    Generator task: ``preset`` names a WeTok-AR configuration (``llama_B_GFQ``, ``ar-small``, ...) and
+    ``overrides`` changes WeTokARConfig fields (the token grid, groups, bits and class count default to the token
+    shards'); ``init``: a warm start (a generator training checkpoint or a saved WeTokAR folder); ``tokenizer``:
+    the tokenizer that decodes sample grids and is exported with the model (anything ``--model`` accepts; by
+    default the one named in the token shards, when it can be found locally)."""
 
     preset: str | None = "small-f8"
     overrides: dict[str, Any] = field(default_factory=dict)
     init: str | None = None
+    tokenizer: str | None = None
 
 
 @dataclass
@@ -71,15 +80,25 @@ class DiscriminatorSection:
 
 @dataclass
 class OptimSection:
-    """Adam(betas) for generator and discriminator; ``schedule``: constant (official), cosine or linear decay to
-    ``min_lr_ratio * lr`` after ``warmup_steps`` of linear warm-up. ``grad_clip``: max global norm or null."""
+    """Tokenizer task: Adam(betas) for the tokenizer and its discriminator (``weight_decay`` as Adam's L2 term).
+    Generator task: AdamW(betas) with decoupled ``weight_decay`` on the tensors with >= 2 dimensions only (weight
+    matrices and embeddings; not norms or biases), the intended official setting; ``weight_decay_all: true``
+    applies it to every tensor, which is what the official code ends up doing (its decay annealing overwrites the
+    no-decay group; spec §7.3).
+    Schedule: ``warmup_steps`` of linear warm-up from ``warmup_start * lr`` (0: from lr / warmup_steps at the
+    first step), then ``hold_steps`` at ``lr``, then ``schedule``: constant (official tokenizer), cosine or linear
+    (official generator) decay to ``min_lr_ratio * lr`` at ``trainer.max_steps``. ``grad_clip``: max global norm
+    or null."""
 
     lr: float = 1e-4
     disc_lr: float | None = None
     betas: tuple[float, float] = (0.5, 0.9)
     weight_decay: float = 0.0
+    weight_decay_all: bool = False
     schedule: str = "constant"
     warmup_steps: int = 0
+    warmup_start: float = 0.0
+    hold_steps: int = 0
     min_lr_ratio: float = 0.0
     grad_clip: float | None = None
 
@@ -93,7 +112,10 @@ class DataSection:
     of one forward pass on one device; the accumulation is batch_size / (micro_batch_size * processes).
     Training crops: resize the short side to ``image_size``, then a ``random`` (ImageNet recipe) or ``center``
     (web-data recipe) crop; images with a short side below ``min_side`` or an aspect ratio above ``max_aspect``
-    are skipped (the official web-data filter: 512 and 2)."""
+    are skipped (the official web-data filter: 512 and 2).
+    Generator task: ``train`` / ``val`` are token-shard folders (``wetok tokenize``); ``views`` keeps only the
+    samples of those preprocessing views (e.g. ``[center]``; null: all); ``val_max_images`` caps the validation
+    samples; the image-crop keys do not apply."""
 
     train: str | None = None
     val: str | None = None
@@ -108,16 +130,19 @@ class DataSection:
     val_image_size: int | None = None
     val_batch_size: int = 16
     val_max_images: int | None = 1000
+    views: list[str] | None = None
 
 
 @dataclass
 class TrainerSection:
-    """Engine settings. ``precision``: 32, 16-mixed or bf16-mixed. Steps count generator updates; training
+    """Engine settings. ``task``: tokenizer or generator. ``precision``: 32, 16-mixed or bf16-mixed. Steps count generator updates; training
     stops at ``max_steps`` or after ``max_minutes`` of wall-clock time (then with a checkpoint, like at the end).
     Logging, validation, image grids and checkpoints happen every ``*_every`` steps (0 = never). The EMA of the
     weights (what validation and export use) has ``ema_decay``; ``ema_warmup`` caps it at (1 + n) / (10 + n)
-    after n steps (off in the official recipes; on for short runs)."""
+    after n steps (off in the official recipes; on for short runs); ``ema: false`` keeps none (then validation,
+    sample grids and export use the live weights)."""
 
+    task: str = "tokenizer"
     stage: int = 1
     max_steps: int = 100_000
     max_minutes: float | None = None
@@ -127,6 +152,7 @@ class TrainerSection:
     num_nodes: int = 1
     strategy: str = "auto"
     seed: int = 0
+    ema: bool = True
     ema_decay: float = 0.999
     ema_warmup: bool = False
     log_every: int = 50
@@ -138,6 +164,22 @@ class TrainerSection:
     progress_bar: bool = True
 
 
+@dataclass
+class SamplesSection:
+    """Generator task: the sample grid written every ``trainer.image_every`` steps, one row per class of
+    ``classes`` (null: the first ten), ``per_class`` samples each, drawn with a fixed seed (``trainer.seed``) with
+    guidance ``cfg_scale`` (one value or one per sub-token) and the sampler's ``temperature`` / ``top_k`` /
+    ``top_p``. Decoded with the tokenizer (``model.tokenizer``) when one is available, else a picture of the token
+    maps."""
+
+    classes: list[int] | None = None
+    per_class: int = 4
+    cfg_scale: float | list[float] = 2.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
 _SECTIONS = {
     "model": ModelSection,
     "loss": LossSection,
@@ -145,7 +187,9 @@ _SECTIONS = {
     "optim": OptimSection,
     "data": DataSection,
     "trainer": TrainerSection,
+    "samples": SamplesSection,
 }
+TASKS = ("tokenizer", "generator")
 
 
 @dataclass
@@ -158,6 +202,11 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     data: DataSection = field(default_factory=DataSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
+    samples: SamplesSection = field(default_factory=SamplesSection)
+
+    @property
+    def task(self) -> str:
+        return self.trainer.task
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -171,8 +220,16 @@ class TrainConfig:
         cfg.validate(source)
         return cfg
 
-    def model_config(self) -> WeTokConfig:
-        """The WeTokConfig of the model to build (preset + overrides; stage 2 sets the generative decoder)."""
+    def model_config(self) -> Any:
+        """The configuration of the model to build from preset + overrides: a WeTokConfig (tokenizer task) or a
+        WeTokARConfig (generator task; before the token shards' grid / groups / bits / classes are filled in)."""
+        if self.task == "generator":
+            from ..generation import WeTokARConfig
+            from ..generation.config import get_ar_config
+
+            if self.model.preset is None:
+                return WeTokARConfig(**self.model.overrides)
+            return get_ar_config(self.model.preset, **self.model.overrides)
         if self.model.preset is None:
             return WeTokConfig(**self.model.overrides)
         return get_config(self.model.preset, **self.model.overrides)
@@ -184,9 +241,11 @@ class TrainConfig:
             raise InputError(source, msg)
 
         t, d, o = self.trainer, self.data, self.optim
+        if t.task not in TASKS:
+            bad(f"trainer.task must be one of {', '.join(TASKS)}, got {t.task!r}")
         if t.stage not in (1, 2):
             bad(f"trainer.stage must be 1 or 2, got {t.stage}")
-        if t.stage == 2 and not self.model.init:
+        if t.stage == 2 and not self.model.init and t.task == "tokenizer":
             bad("stage 2 needs model.init: the stage-1 checkpoint (.pt) or model directory")
         if t.precision not in ("32", "16-mixed", "bf16-mixed"):
             bad(f"trainer.precision must be 32, 16-mixed or bf16-mixed, got {t.precision!r}")
@@ -198,14 +257,33 @@ class TrainConfig:
             bad(f"data.crop must be random or center, got {d.crop!r}")
         if d.batch_size < 1 or d.micro_batch_size < 1 or d.batch_size % d.micro_batch_size:
             bad(f"data.batch_size ({d.batch_size}) must be a multiple of data.micro_batch_size ({d.micro_batch_size})")
+        devices = t.devices if isinstance(t.devices, int) and not isinstance(t.devices, bool) else None
+        if devices is not None and d.batch_size % (d.micro_batch_size * devices * t.num_nodes):
+            bad(f"data.batch_size {d.batch_size} must be trainer.devices {devices} x trainer.num_nodes {t.num_nodes} "
+                f"x data.micro_batch_size {d.micro_batch_size} x accumulation steps; "
+                f"{devices * t.num_nodes * d.micro_batch_size} does not divide it")
         if t.max_steps < 1:
             bad("trainer.max_steps must be >= 1")
-        if self.model.preset is not None and not is_preset(self.model.preset):
+        if o.warmup_steps < 0 or o.hold_steps < 0 or not 0.0 <= o.warmup_start <= 1.0:
+            bad("optim.warmup_steps / hold_steps must be >= 0 and optim.warmup_start in [0, 1]")
+        if t.task == "generator":
+            self._validate_generator(bad)
+        elif self.model.preset is not None and not is_preset(self.model.preset):
             bad(f"unknown model.preset {self.model.preset!r}")
         try:
             self.model_config()
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, KeyError) as err:
             bad(f"invalid model settings: {err}")
+
+    def _validate_generator(self, bad: Any) -> None:
+        from ..generation.config import is_ar_preset, list_ar_presets
+
+        if self.model.preset is not None and not is_ar_preset(self.model.preset):
+            bad(f"model.preset {self.model.preset!r} is not a generator configuration (known: "
+                f"{', '.join(list_ar_presets())})")
+        s = self.samples
+        if s.per_class < 1 or (s.classes is not None and not all(isinstance(c, int) and c >= 0 for c in s.classes)):
+            bad("samples.per_class must be >= 1 and samples.classes a list of class numbers")
 
 
 def _coerce(value: Any, current: Any, key: str, source: object) -> Any:
@@ -228,8 +306,10 @@ def _merge(cfg: TrainConfig, data: dict[str, Any], source: object) -> None:
     if not isinstance(data, dict):
         raise InputError(source, "a training config must be a mapping of sections")
     for section, values in data.items():
+        if section == "task":  # shorthand for trainer.task
+            values, section = {"task": values}, "trainer"
         if section not in _SECTIONS:
-            raise InputError(source, f"unknown section {section!r} (known: {', '.join(_SECTIONS)})")
+            raise InputError(source, f"unknown section {section!r} (known: task, {', '.join(_SECTIONS)})")
         if values is None:
             continue
         if not isinstance(values, dict):

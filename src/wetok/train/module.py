@@ -141,9 +141,12 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], *, ema: bool = True, source: object = "checkpoint") -> WeTok:
-    """The EMA (default) or live generator of a training checkpoint, as a :class:`WeTok` in eval mode."""
+    """The EMA (default; the live weights when the run kept no EMA) or live tokenizer of a tokenizer training
+    checkpoint, as a :class:`WeTok` in eval mode."""
+    if ckpt.get("task", "tokenizer") != "tokenizer":
+        raise InputError(source, f"is a {ckpt['task']} training checkpoint, not a tokenizer's")
     model = WeTok(WeTokConfig.from_dict(ckpt["model_config"]))
-    if ema:
+    if ema and ckpt["ema"] is not None:
         state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
     else:
         state = ckpt["generator"]

@@ -1,25 +1,27 @@
-"""The training engine, on Lightning Fabric.
+"""The training engine, on Lightning Fabric, shared by every task (:mod:`wetok.train.task`).
 
-Fabric rather than the Trainer: each step is a generator update followed by a discriminator update on the same
-reconstructions, with gradient accumulation inside each phase, separate DDP wrappers for G and D, a step count of
-generator updates, and exact resumption of the data stream; in Fabric these are a plain loop, in the Trainer they
-are workarounds (manual optimisation, global_step counting both optimizers, mid-epoch restarts). Fabric still
-provides devices, DDP across GPUs and nodes (torchrun and SLURM environments are detected), precision plugins and
-the TensorBoard / CSV loggers.
+Fabric rather than the Trainer: a tokenizer step is a generator update followed by a discriminator update on the
+same reconstructions, with gradient accumulation inside each phase, separate DDP wrappers for G and D, a step
+count of generator updates, and exact resumption of the data stream; in Fabric these are a plain loop, in the
+Trainer they are workarounds (manual optimisation, global_step counting both optimizers, mid-epoch restarts).
+Fabric still provides devices, DDP across GPUs and nodes (torchrun and SLURM environments are detected), precision
+plugins and the TensorBoard / CSV loggers.
 
-One step with accumulation k = batch_size / (micro_batch_size * processes):
-  1. G phase: k forward/backward passes of the generator loss (discriminator frozen), then the G optimizer step;
-  2. D phase: k passes of the discriminator loss on the same (detached) reconstructions, then the D step;
-  3. EMA update of the generator.
-G and D phases are kept apart so that each optimizer's gradients are scaled by one loss scale under 16-mixed.
+The loop: gather ``accumulate`` micro-batches, set the learning rate of the step, let the task take one step,
+update the EMA, then log, validate, draw and checkpoint when due. Everything outside the steps (validation, image
+grids, previews) runs with the global RNG saved and restored, and no DataLoader iterator draws from it, so the RNG
+states in a checkpoint are exactly those an uninterrupted run has at that step.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +29,12 @@ import torch
 import yaml
 from torch import Tensor
 
-from ..data import ImageDataset, collate_skip_bad, eval_transform, find_images
+from .._files import atomic_write
 from ..errors import InputError, WetokError
 from .config import TrainConfig
-from .data import CropSpec, build_train_loader, list_files
 from .ema import EMA
-from .module import (
-    TrainingLoss,
-    build_discriminator,
-    build_generator,
-    load_training_checkpoint,
-    set_stage_mode,
-)
-from .shards import build_shard_loader, expand_shards, is_shard_source
+from .module import load_training_checkpoint
+from .task import Task
 
 __all__ = ["train", "latest_checkpoint", "lr_factor"]
 
@@ -48,18 +43,23 @@ log = logging.getLogger("wetok.train")
 CHECKPOINT_DIR = "checkpoints"
 LAST_POINTER = "last"
 CHECKPOINT_VERSION = 1
+# What the progress bar shows of every task
+_BAR_COMMON = ("loss", "lr")
 # Fault injection for the resume test: SIGKILL this process in the middle of the step after this one.
 _KILL_ENV = "WETOK_TEST_KILL_AFTER_STEP"
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Learning-rate multiplier at ``step`` (0-based): linear warm-up, then constant / cosine / linear decay."""
+    """Learning-rate multiplier at ``step`` (0-based): linear warm-up ``s + (1 - s) (step + 1) / warmup_steps``
+    (s = ``warmup_start``), ``hold_steps`` at 1, then constant / cosine / linear decay to ``min_lr_ratio`` at
+    ``max_steps``."""
     o, total = cfg.optim, cfg.trainer.max_steps
     if o.warmup_steps > 0 and step < o.warmup_steps:
-        return (step + 1) / o.warmup_steps
-    if o.schedule == "constant":
+        return o.warmup_start + (1.0 - o.warmup_start) * (step + 1) / o.warmup_steps
+    start = o.warmup_steps + o.hold_steps
+    if o.schedule == "constant" or step < start:
         return 1.0
-    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    progress = min(1.0, (step - start) / max(1, total - start))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1.0 - progress
     return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * shape
 
@@ -83,19 +83,46 @@ def latest_checkpoint(output: str | Path) -> Path | None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+@contextmanager
+def _rng_untouched(device: torch.device) -> Iterator[None]:
+    """Run work that is not part of a training step (validation, previews, sample grids) without moving the
+    global RNG streams that the steps draw from, so a resumed run draws exactly what an uninterrupted one does."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode, each submodule's own mode restored afterwards (stage 2 mixes modes)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _keeps_rng(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Method decorator: :func:`_rng_untouched` around a method of :class:`_Run`."""
+
+    @functools.wraps(method)
+    def wrapper(self: _Run, *args: Any, **kwargs: Any) -> Any:
+        with _rng_untouched(self.fabric.device):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class _Run:
-    """State and helpers of one training process."""
+    """State and helpers of one training process: the engine around a :class:`Task`."""
 
     def __init__(self, cfg: TrainConfig, output: Path, resume: bool) -> None:
         from lightning.fabric import Fabric
@@ -124,6 +151,7 @@ class _Run:
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
         self.resume_from = self._find_resume(resume)
+        self.task = make_task(self)
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _find_resume(self, resume: bool) -> Path | None:
@@ -137,52 +165,35 @@ class _Run:
         return None
 
     def build(self) -> None:
-        cfg, fabric = self.cfg, self.fabric
-        stage = cfg.trainer.stage
-        torch.manual_seed(cfg.trainer.seed)  # same initialisation on every process
+        t = self.cfg.trainer
         ckpt = load_training_checkpoint(self.resume_from) if self.resume_from else None
-        if ckpt is not None:
-            from ..config import WeTokConfig
-            from ..model import WeTok
-
-            generator = WeTok(WeTokConfig.from_dict(ckpt["model_config"]))
-        else:
-            generator = build_generator(cfg)
-        set_stage_mode(generator, stage)
-        self.ema = fabric.to_device(EMA(generator, cfg.trainer.ema_decay, warmup=cfg.trainer.ema_warmup))
-        torch.manual_seed(cfg.trainer.seed + 1)  # the same D (and random LPIPS backbone) on a fresh start or resume
-        discriminator = build_discriminator(cfg)
-        if cfg.discriminator.norm == "sync_batch" and fabric.device.type == "cuda":
-            discriminator.convert_sync_batchnorm()
-        self.loss = fabric.to_device(TrainingLoss(cfg))
-        o = cfg.optim
-        g_params = [p for p in generator.parameters() if p.requires_grad]
-        opt_g = torch.optim.Adam(g_params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-        opt_d = torch.optim.Adam(discriminator.parameters(), lr=o.disc_lr or o.lr, betas=tuple(o.betas),
-                                 weight_decay=o.weight_decay)
-        self.G, self.opt_g = fabric.setup(generator, opt_g)
-        self.D, self.opt_d = fabric.setup(discriminator, opt_d)
+        if ckpt is not None and ckpt.get("task", "tokenizer") != t.task:
+            raise InputError(self.resume_from, f"is a {ckpt.get('task', 'tokenizer')} checkpoint; the recipe "
+                             f"trains a {t.task} (trainer.task)")
+        torch.manual_seed(t.seed)  # same initialisation on every process
+        model = self.task.build(ckpt)
+        self.ema = (self.fabric.to_device(EMA(model, t.ema_decay, warmup=t.ema_warmup)) if t.ema else None)
+        self.model = model
         self.step, self.position, self.bad_files = 0, 0, 0
-        self.shard_state: dict[str, Tensor] | None = None
         if ckpt is not None:
             self._restore(ckpt)
-        else:
-            self.ema.copy_from(self.G.module)
-        # per-process RNG for what the step draws (the generative decoder's noise); restored on resume
+        elif self.ema is not None:
+            self.ema.copy_from(model)
+        # per-process RNG for what the steps draw (dropout, the generative decoder's noise); restored on resume
         if ckpt is None or "rng" not in ckpt:
-            torch.manual_seed(cfg.trainer.seed * 7919 + 104729 * (self.rank + 1))
+            torch.manual_seed(t.seed * 7919 + 104729 * (self.rank + 1))
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        self.G.module.load_state_dict(ckpt["generator"])
-        self.D.module.load_state_dict(ckpt["discriminator"])
-        self.ema.load_state_dict(ckpt["ema"])
-        self.loss.lecam.load_state_dict(ckpt["lecam"])
-        self.opt_g.load_state_dict(ckpt["opt_g"])
-        self.opt_d.load_state_dict(ckpt["opt_d"])
+        self.task.load_state(ckpt)
+        if self.ema is not None:
+            if ckpt.get("ema") is None:
+                log.warning("the checkpoint has no EMA; it restarts from the current weights")
+                self.ema.copy_from(self.model)
+            else:
+                self.ema.load_state_dict(ckpt["ema"])
         self.fabric.strategy.precision.load_state_dict(ckpt.get("precision", {}))
         self.step, self.position = int(ckpt["step"]), int(ckpt["data_position"])
         self.bad_files = int(ckpt.get("bad_files", 0))
-        self.shard_state = ckpt.get("shard_state")
         changed = _config_changes(ckpt.get("config", {}), self.cfg.to_dict())
         if changed and self.rank == 0:
             log.warning("resuming with settings that differ from the checkpoint's: %s", "; ".join(changed))
@@ -194,149 +205,61 @@ class _Run:
         else:
             log.warning("process count changed since the checkpoint: random streams restart (data stream does not)")
 
-    def train_files(self) -> tuple[str, list[str]]:
-        """("files" or "shards", the list), fixed at the first start (``train_files.txt``) so resuming is exact."""
-        source = self.cfg.data.train
-        if source is None:
-            raise InputError("config", "data.train is not set (pass data.train=FOLDER)")
-        kind = "shards" if is_shard_source(source) else "files"
-        listing = self.output / f"train_{kind}.txt"
+    def fixed_listing(self, name: str, make: Callable[[], list[Any]]) -> list[str]:
+        """A list of strings fixed at the first start of the run (``OUTPUT/name``, written by rank 0 from
+        ``make()``), so that a resumed run reads exactly the same data whatever changed on disk."""
+        listing = self.output / name
         if self.rank == 0 and not listing.is_file():
-            items = expand_shards(source) if kind == "shards" else list_files(source)
-            _atomic_text(listing, "".join(f"{p}\n" for p in items))
+            _atomic_text(listing, "".join(f"{p}\n" for p in make()))
         self.fabric.barrier()
-        return kind, [line for line in listing.read_text().splitlines() if line]
+        return [line for line in listing.read_text().splitlines() if line]
 
-    def train_loader(self) -> torch.utils.data.DataLoader:
-        d, t = self.cfg.data, self.cfg.trainer
-        spec = CropSpec(d.image_size, d.crop, d.hflip, d.min_side, d.max_aspect)
-        self.data_kind, items = self.train_files()
-        common = dict(micro_batch=d.micro_batch_size, seed=t.seed, rank=self.rank, world=self.world,
-                      num_workers=d.num_workers)
-        if self.data_kind == "files":
-            return build_train_loader(items, spec, start=self.position, **common)
-        workers = max(1, d.num_workers)
-        self.cursors = torch.full((workers, 4), -1, dtype=torch.int64)  # valid, epoch, slot, sample per stream
-        cursors, saved = {}, self.shard_state
-        if saved is not None and tuple(saved["cursors"].shape[:2]) == (self.world, workers):
-            for s, row in enumerate(saved["cursors"].reshape(-1, 4).tolist()):
-                if row[0] == 1:
-                    cursors[s] = (row[1], row[2], row[3])
-            self.cursors = saved["cursors"][self.rank].clone()
-        elif saved is not None:
-            log.warning("processes x workers changed since the checkpoint: the shard stream restarts at a new epoch")
-            next_epoch = int(saved["cursors"][..., 1].max()) + 1
-            cursors = {s: (next_epoch, 0, -1) for s in range(self.world * workers)}
-        rotation = (self.step * self.accumulate) % workers
-        return build_shard_loader(items, spec, cursors=cursors, rotation=rotation, **common)
-
-    def observe(self, batch: dict[str, Any]) -> None:
-        """Remember where each shard stream stands (the last consumed sample of the batch)."""
-        if self.data_kind == "shards":
-            stream = int(batch["stream"][-1])
-            row = [1, int(batch["epoch"][-1]), int(batch["slot"][-1]), int(batch["sample"][-1])]
-            self.cursors[stream - self.rank * self.cursors.shape[0]] = torch.tensor(row)
-
-    def val_loader(self) -> torch.utils.data.DataLoader | None:
-        d = self.cfg.data
-        if not d.val:
-            return None
-        files = find_images(d.val)[: d.val_max_images]
-        dataset = ImageDataset(files[self.rank :: self.world], eval_transform(d.val_image_size or d.image_size))
-        return torch.utils.data.DataLoader(dataset, batch_size=d.val_batch_size, collate_fn=collate_skip_bad,
-                                           num_workers=min(2, d.num_workers))
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What validation, image grids and export use: the EMA model, or the live model without EMA."""
+        return self.ema.module if self.ema is not None else self.model
 
     # --------------------------------------------------------------------------------------------- one step
-    def train_step(self, batches: list[dict[str, Any]]) -> dict[str, Tensor]:
-        fabric, cfg, k = self.fabric, self.cfg, self.accumulate
-        G, D = self.G, self.D
-        sync = self.world > 1
-        logs: dict[str, Tensor] = {}
-
-        def add(terms: dict[str, Tensor]) -> None:
-            for name, value in terms.items():
-                logs[name] = logs.get(name, 0.0) + value.float() / k
-
-        factor = lr_factor(self.step, cfg)
-        for opt, base in ((self.opt_g, cfg.optim.lr), (self.opt_d, cfg.optim.disc_lr or cfg.optim.lr)):
+    def set_learning_rates(self) -> float:
+        factor = lr_factor(self.step, self.cfg)
+        for opt, base in self.task.optimizers():
             for group in opt.param_groups:
                 group["lr"] = base * factor
-        gan = self.loss.gan_active(self.step)
-        last_layer = G.module.decoder.conv_out.weight
-        # G phase: the discriminator is frozen and called directly (outside its DDP wrapper)
-        D.module.requires_grad_(False)
-        images, recs = [], []
-        for i, batch in enumerate(batches):
-            x = batch["image"].to(fabric.device, non_blocking=True)
-            with fabric.no_backward_sync(G, enabled=sync and i < k - 1):
-                out = G(x)
-                with fabric.autocast():
-                    loss, terms = self.loss.generator_loss(x, out, D.module, self.step, last_layer)
-                fabric.backward(loss / k)
-            images.append(x)
-            recs.append(out.reconstruction.detach())
-            add(terms)
-        self._optimizer_step(G, self.opt_g, logs, "g")
-        D.module.requires_grad_(True)
-        # D phase, on the same reconstructions
-        if gan:
-            for i, (x, rec) in enumerate(zip(images, recs, strict=True)):
-                with fabric.no_backward_sync(D, enabled=sync and i < k - 1):
-                    with fabric.autocast():
-                        loss, terms = self.loss.discriminator_loss(x, rec, D)
-                    fabric.backward(loss / k)
-                add(terms)
-            self._optimizer_step(D, self.opt_d, logs, "d")
-        self.ema.update(G.module)
-        logs["lr"] = torch.tensor(cfg.optim.lr * factor)
-        return logs
+        return factor
 
-    def _optimizer_step(self, module, optimizer, logs: dict[str, Tensor], name: str) -> None:
+    def optimizer_step(self, module, optimizer, logs: dict[str, Tensor], norm_name: str) -> None:
+        """Clip (``optim.grad_clip``, logging the norm as ``norm_name``), step and clear one optimizer."""
         clip = self.cfg.optim.grad_clip
         if clip is not None:
             norm = self.fabric.clip_gradients(module, optimizer, max_norm=clip, error_if_nonfinite=False)
-            logs[f"{name}_grad_norm"] = norm.detach().float()
+            logs[norm_name] = norm.detach().float()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def train_step(self, batches: list[dict[str, Any]]) -> dict[str, Tensor]:
+        factor = self.set_learning_rates()
+        logs = self.task.train_step(batches)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        logs["lr"] = torch.tensor(self.cfg.optim.lr * factor)
+        return logs
+
     # ------------------------------------------------------------------------------- validation and images
-    @torch.no_grad()
+    @_keeps_rng
     def validate(self, loader) -> dict[str, float]:
-        """L1 and PSNR (dB, images in [0, 1] after clamping) of the EMA model on the validation images."""
-        model = self.ema.module
-        device = self.fabric.device
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # l1, psnr, count
-        for b, batch in enumerate(loader):
-            if batch["image"] is None:
-                continue
-            x = batch["image"].to(device)
-            gen = torch.Generator(device).manual_seed(self.cfg.trainer.seed + b * self.world + self.rank)
-            with self.fabric.autocast():
-                rec = model.reconstruct(x, generator=gen)
-            rec = rec.float().clamp(-1, 1)
-            l1 = (x - rec).abs().flatten(1).mean(1)
-            mse = ((x - rec) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-            sums += torch.stack([l1.sum(), (-10 * torch.log10(mse)).sum(), torch.tensor(len(x), device=device)])
-        sums = self.fabric.all_reduce(sums, reduce_op="sum")
-        n = max(sums[2].item(), 1.0)
-        return {"val/l1": sums[0].item() / n, "val/psnr": sums[1].item() / n}
+        with torch.no_grad(), _eval_mode(self.eval_model) as model:
+            return self.task.validate(model, loader)
 
-    @torch.no_grad()
-    def save_images(self, images: Tensor) -> None:
-        """PNG grid: the images (top row) and the EMA model's reconstructions (bottom row)."""
-        from torchvision.utils import save_image
-
+    @_keeps_rng
+    def save_images(self, preview: Any, batches: list[dict[str, Any]]) -> None:
         if self.rank != 0:
             return
-        x = images[:8].to(self.fabric.device)
-        gen = torch.Generator(self.fabric.device).manual_seed(self.cfg.trainer.seed)
-        rec = self.ema.module.reconstruct(x, generator=gen).float().clamp(-1, 1)
-        folder = self.output / "images"
-        folder.mkdir(exist_ok=True)
-        path = folder / f"step-{self.step:08d}.png"
-        tmp = folder / f".{path.name}.tmp.png"
-        save_image(torch.cat([x, rec]) * 0.5 + 0.5, tmp, nrow=len(x), padding=2)
-        os.replace(tmp, path)
+        with torch.no_grad(), _eval_mode(self.eval_model) as model:
+            self.task.save_images(model, preview, batches, self.output / "images" / f"step-{self.step:08d}.png")
+
+    @_keeps_rng
+    def preview(self, loader) -> Any:
+        return self.task.preview(loader) if self.rank == 0 else None
 
     # -------------------------------------------------------------------------------------------- checkpoints
     def _gather_rng(self) -> dict[str, Tensor]:
@@ -349,31 +272,22 @@ class _Run:
 
     def save_checkpoint(self) -> None:
         rng = self._gather_rng()
-        shard_state = None
-        if self.data_kind == "shards":
-            gathered = self.fabric.all_gather(self.cursors.to(self.fabric.device)).cpu()
-            shard_state = {"cursors": gathered.reshape(self.world, *self.cursors.shape)}
+        task_state = self.task.state()
         if self.rank == 0:
             state = {
                 "version": CHECKPOINT_VERSION,
+                "task": self.task.name,
                 "step": self.step,
                 "data_position": self.position,
                 "bad_files": self.bad_files,
                 "world_size": self.world,
                 "config": self.cfg.to_dict(),
-                "model_config": self.G.module.config.to_dict(),
-                "generator": self.G.module.state_dict(),
-                "discriminator": self.D.module.state_dict(),
-                "ema": self.ema.state_dict(),
-                "lecam": self.loss.lecam.state_dict(),
-                "opt_g": self.opt_g.state_dict(),
-                "opt_d": self.opt_d.state_dict(),
+                **task_state,
+                "ema": self.ema.state_dict() if self.ema is not None else None,
                 "precision": self.fabric.strategy.precision.state_dict(),
                 "rng": rng,
-                "shard_state": shard_state,
             }
             folder = self.output / CHECKPOINT_DIR
-            folder.mkdir(exist_ok=True)
             name = f"step-{self.step:08d}.pt"
             _atomic_torch_save(state, folder / name)
             _atomic_text(folder / LAST_POINTER, name + "\n")
@@ -386,10 +300,9 @@ class _Run:
     # ------------------------------------------------------------------------------------------------- loop
     def run(self) -> Path | None:
         cfg, fabric, t = self.cfg, self.fabric, self.cfg.trainer
-        d = cfg.data
-        loader = self.train_loader()
-        val_loader = self.val_loader()
-        preview = next(iter(val_loader))["image"] if val_loader is not None and self.rank == 0 else None
+        loader = self.task.train_loader()
+        val_loader = self.task.val_loader()
+        preview = self.preview(val_loader)
         if self.rank == 0:
             _atomic_text(self.output / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         kill_after = int(os.environ.get(_KILL_ENV, "-1"))
@@ -397,9 +310,10 @@ class _Run:
         if self.rank == 0 and t.progress_bar:
             from tqdm import tqdm
 
-            bar = tqdm(total=t.max_steps, initial=self.step, desc=f"stage {t.stage}", dynamic_ncols=True)
+            bar = tqdm(total=t.max_steps, initial=self.step, desc=self.task.description, dynamic_ncols=True)
         if val_loader is not None and t.val_every and self.step == 0:
             fabric.log_dict(self.validate(val_loader), step=0)  # the baseline of the run
+        bar_keys = {f"train/{k}" for k in (*_BAR_COMMON, *self.task.progress_keys)}
         window: list[dict[str, Tensor]] = []
         tic = time.perf_counter()
         batches_iter = iter(loader)
@@ -411,22 +325,22 @@ class _Run:
                 self.train_step(batches[:1] * self.accumulate)  # half-done work that must not leak
                 os.kill(os.getpid(), 9)
             logs = self.train_step(batches)
-            for batch in batches:
-                self.observe(batch)
+            self.task.observe(batches)
             self.step += 1
-            self.position += d.batch_size
-            self.bad_files += sum(b["skipped"] for b in batches)
+            self.position += cfg.data.batch_size
+            self.bad_files += sum(int(b.get("skipped", 0)) for b in batches)
             window.append(logs)
             if t.log_every and self.step % t.log_every == 0:
                 metrics = self._reduce_window(window, time.perf_counter() - tic)
                 window, tic = [], time.perf_counter()
                 fabric.log_dict(metrics, step=self.step)
                 if bar is not None:
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in _BAR_KEYS})
+                    bar.set_postfix({k.removeprefix("train/"): f"{v:.4g}" for k, v in metrics.items()
+                                     if k in bar_keys})
             if val_loader is not None and t.val_every and self.step % t.val_every == 0:
                 fabric.log_dict(self.validate(val_loader), step=self.step)
             if t.image_every and self.step % t.image_every == 0:
-                self.save_images(preview if preview is not None else batches[0]["image"])
+                self.save_images(preview, batches)
             time_up = deadline is not None and bool(fabric.broadcast(time.monotonic() > deadline, src=0))
             if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == t.max_steps or time_up:
                 self.save_checkpoint()
@@ -456,6 +370,17 @@ class _Run:
         return metrics
 
 
+def make_task(run: _Run) -> Task:
+    """The :class:`Task` named by ``trainer.task``."""
+    if run.cfg.trainer.task == "generator":
+        from .generator import GeneratorTask
+
+        return GeneratorTask(run)
+    from .tokenizer import TokenizerTask
+
+    return TokenizerTask(run)
+
+
 def _config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``section.key: old -> new`` for every recipe setting that differs."""
     out = []
@@ -467,13 +392,12 @@ def _config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
-_BAR_KEYS = {f"train/{k}" for k in ("l1", "lpips", "g_loss", "d_total", "codebook_entropy", "token_entropy")}
-
-
 def train(cfg: TrainConfig, output: str | Path, *, resume: bool = False) -> Path | None:
-    """Train (stage ``cfg.trainer.stage``) into ``output``; returns the last checkpoint's path.
+    """Train ``cfg.trainer.task`` (a tokenizer stage ``cfg.trainer.stage``, or a generator) into ``output``;
+    returns the last checkpoint's path.
 
-    ``output`` receives ``config.yaml``, ``train_files.txt``, ``checkpoints/step-*.pt`` (full state) with a
+    ``output`` receives ``config.yaml``, the data listing fixed at the first start (``train_files.txt``,
+    ``train_shards.txt`` or ``train_tokens.txt``), ``checkpoints/step-*.pt`` (full state) with a
     ``checkpoints/last`` pointer, ``images/step-*.png`` grids and ``logs/{tensorboard,csv}``.
     """
     output = Path(output)
