@@ -40,14 +40,17 @@ def child(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from wetok.checkpoints import load_model
+    from wetok.cli.models import load_model
     from wetok.data import load_rgb
     from wetok.image import pil_to_tensor, to_uint8
     from wetok.tiling import decode_tiled, encode_tiled
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = load_model(args.model).eval().to(device)
+    from wetok.registry import find_model
+
+    entry = find_model(args.model)  # a configuration without weights runs randomly initialised (seed 0)
+    model = load_model(args.model, random_init=entry is not None and not entry.has_weights).eval().to(device)
     model.requires_grad_(False)
     f = model.downsample_factor
     image = load_rgb(VAL / args.image).resize((args.size, args.size), resample=3)  # bicubic

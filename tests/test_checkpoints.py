@@ -5,14 +5,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import FIXTURES
 from official_reference import official_decode
 from wetok import CheckpointError, InputError, WeTok, WeTokConfig
-from wetok.checkpoints import load_model, load_official, read_official_config, to_official_state_dict
+from wetok.cli.models import load_model
+from wetok.official import (
+    load_official,
+    load_official_with_report,
+    read_official_config,
+    to_official_state_dict,
+)
 from wetok.quantizer import to_official_flat
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"
 CKPT, YAML = FIXTURES / "tiny_ds16_g4.ckpt", FIXTURES / "tiny_ds16_g4.yaml"
-needs_fixture = pytest.mark.skipif(not CKPT.is_file(), reason="official fixture not found beside the project")
+needs_fixture = pytest.mark.shared(CKPT, YAML, FIXTURES / "tiny_ds16_g4.outputs.pt")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +36,7 @@ def test_official_yaml_config():
 
 @needs_fixture
 def test_official_fixture_reproduced(outputs):
-    model, report = load_official(CKPT, YAML, output_loading_info=True)
+    model, report = load_official_with_report(CKPT, YAML)
     assert report.weights == "ema" and not report.loaded_from_raw
     assert any(k.startswith("loss.discriminator") for k in report.skipped)
     with torch.no_grad():

@@ -23,15 +23,12 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import PHOTO
 from wetok import WeTok, get_config
 from wetok.image import pad_to_multiple, pil_to_tensor, to_uint8
-from wetok.tokens import TokenFile, load_tokens, save_tokens
+from wetok.tokens import Tokens, load_tokens, save_tokens
 
-VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "images" / "val"
-if not VAL.is_dir():
-    VAL = Path("/work/shared/data/images/val")
-
-TINY = ["--model", "tiny-f8"]
+TINY = ["--model", "tiny-f8", "--random-init"]  # a configuration without published weights
 # (name, stored size (w, h), size as displayed (h, w))
 IMAGES = {
     "photo.jpg": (44, 60),
@@ -44,7 +41,7 @@ IMAGES = {
 
 
 def _make_images(root: Path) -> None:
-    photo = Image.open(VAL / "101085.jpg").convert("RGB").resize((60, 44), Image.Resampling.BICUBIC)
+    photo = Image.open(PHOTO).convert("RGB").resize((60, 44), Image.Resampling.BICUBIC)
     photo.save(root / "photo.jpg", quality=95)
     ramp = (np.arange(29 * 37, dtype=np.uint32).reshape(29, 37) * 61).astype(np.uint16)
     Image.fromarray(ramp).save(root / "gray16.png")  # mode I;16
@@ -111,9 +108,9 @@ def work(tmp_path_factory) -> Path:
         "height": 32, "width": 48, "original_height": 30, "original_width": 50}))
     np.save(root / "fork_flat.npy", flat)
     small = get_config("small-f8")  # tokens of another model
-    save_tokens(root / "other.wtok", TokenFile(indices=torch.zeros(1, 4, 6, 4, dtype=torch.int64), bits_per_group=8,
-                                               image_size=(32, 48), original_size=(32, 48),
-                                               model_id=small.identity(), model="small-f8"))
+    save_tokens(root / "other.wtok", Tokens(indices=torch.zeros(1, 4, 6, 4, dtype=torch.int64), bits_per_group=8,
+                                            image_size=(32, 48), original_size=(32, 48),
+                                            model_id=small.identity(), model="small-f8"))
     return root
 
 
@@ -190,8 +187,10 @@ def test_json_and_wtok_agree_and_match_the_library(runs, work, tiny):
     with torch.no_grad():
         expected = tiny.encode(pixels).indices
     assert (expected == from_wtok.indices).float().mean() > 0.99
-    # .wtok size: 43-byte header + 16-byte identity + name "tiny-f8" with its length + ceil(6*8*4*4/8) + CRC
-    assert (work / "photo.wtok").stat().st_size == 43 + 16 + 1 + 7 + math.ceil(6 * 8 * 4 * 4 / 8) + 4
+    # .wtok size: 43-byte header + identity (16-digit architecture id, ":", 16-digit weights id) + name "tiny-f8"
+    # with its length + ceil(6*8*4*4/8) + CRC
+    assert (work / "photo.wtok").stat().st_size == 43 + 33 + 1 + 7 + math.ceil(6 * 8 * 4 * 4 / 8) + 4
+    assert from_wtok.weights_id == tiny.weights_id
     # decoding either file gives the same image, equal to the library's decode cropped back
     a = np.asarray(Image.open(work / "decoded" / "photo.png"))
     assert np.array_equal(a, np.asarray(Image.open(work / "dec" / "photo.png")))
@@ -271,7 +270,8 @@ def test_inspect_draws_one_panel_per_group(runs, work):
 def _error_lines(result: subprocess.CompletedProcess) -> list[str]:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    return result.stderr.strip().splitlines()
+    lines = result.stderr.strip().splitlines()
+    return [line for line in lines if not line.startswith("note: tiny-f8 is randomly initialised")]
 
 
 def _no_temporary_files(folder: Path) -> None:
@@ -344,7 +344,7 @@ def test_commands_run_the_fast_path_by_default_and_the_plain_model_with_no_fast(
     assert any(isinstance(m, StableGroupNorm) for m in fast.modules())
     assert plain.encoder.conv_in.weight.is_contiguous()
     assert not any(isinstance(m, StableGroupNorm) for m in plain.modules())
-    pixels = pil_to_tensor(Image.open(VAL / "101085.jpg").convert("RGB").crop((0, 0, 96, 64)))[None]
+    pixels = pil_to_tensor(Image.open(PHOTO).convert("RGB").crop((0, 0, 96, 64)))[None]
     with torch.inference_mode():
         tokens_fast, tokens_plain, tokens_lib = fast.encode(pixels), plain.encode(pixels), tiny.encode(pixels)
         assert torch.equal(tokens_plain.indices, tokens_lib.indices)

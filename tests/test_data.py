@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from conftest import PHOTOS, VAL
 from wetok.data import (
     BadImage,
     ImageDataset,
     collate_skip_bad,
+    decode_image,
     eval_transform,
     find_images,
     folder_labels,
@@ -23,10 +23,6 @@ from wetok.data import (
 )
 from wetok.errors import InputError
 
-VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "images" / "val"
-if not VAL.is_dir():
-    VAL = Path("/work/shared/data/images/val")
-
 
 def _rgb(h: int = 12, w: int = 20, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -34,10 +30,10 @@ def _rgb(h: int = 12, w: int = 20, seed: int = 0) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- find_images
 def test_find_images_real_folder_sorted():
-    paths = find_images(VAL)
-    names = sorted(p.name for p in VAL.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    paths = find_images(PHOTOS)
+    names = sorted(p.name for p in PHOTOS.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     assert [p.name for p in paths] == names
-    assert len(paths) == len(names) > 10
+    assert len(paths) == len(names) > (10 if PHOTOS == VAL else 3)  # 100 shared photographs, or 4 examples
 
 
 def test_find_images_imagenet_layout(tmp_path):
@@ -71,7 +67,7 @@ def test_find_images_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------------------- load_rgb
 def test_load_rgb_matches_pillow_on_real_jpeg():
-    path = find_images(VAL)[0]
+    path = find_images(PHOTOS)[0]
     ref = np.asarray(Image.open(path).convert("RGB"))
     assert np.array_equal(np.asarray(load_rgb(path)), ref)
 
@@ -119,7 +115,7 @@ def test_load_rgb_bad_files(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="cannot decode") as info:
         load_rgb(junk)
     assert str(junk) in str(info.value)
-    real = find_images(VAL)[0].read_bytes()
+    real = find_images(PHOTOS)[0].read_bytes()
     truncated = tmp_path / "trunc.jpg"
     truncated.write_bytes(real[: len(real) // 3])
     with pytest.raises(InputError, match="trunc.jpg"):
@@ -143,7 +139,7 @@ def test_to_model_range_is_the_official_float64_formula():
 
 
 def test_eval_transform_matches_pil_resize_and_center_crop():
-    path = find_images(VAL)[3]
+    path = find_images(PHOTOS)[3]
     image = load_rgb(path)
     w, h = image.size
     size = 64
@@ -161,7 +157,7 @@ def test_eval_transform_matches_pil_resize_and_center_crop():
 
 
 def test_train_transform_is_a_crop_of_the_resized_image():
-    image = load_rgb(find_images(VAL)[0])
+    image = load_rgb(find_images(PHOTOS)[0])
     full = eval_transform(48)  # reference for the resize: short side 48
     w, h = image.size
     resized = np.asarray(
@@ -179,7 +175,7 @@ def test_train_transform_is_a_crop_of_the_resized_image():
 
 # ---------------------------------------------------------------------------------------------------- dataset
 def test_dataset_skips_and_counts_bad_files(tmp_path):
-    good = find_images(VAL)[:3]
+    good = find_images(PHOTOS)[:3]
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     paths = [good[0], bad, good[1], good[2]]
@@ -198,7 +194,7 @@ def test_dataset_skips_and_counts_bad_files(tmp_path):
 
 
 def test_dataset_from_folder_default_transform_keeps_size():
-    dataset = ImageDataset(VAL)
+    dataset = ImageDataset(PHOTOS)
     item = dataset[0]
     w, h = Image.open(dataset.paths[0]).size
     assert item["image"].shape == (3, h, w) and item["index"] == 0
@@ -211,3 +207,10 @@ def test_dataset_from_folder_default_transform_keeps_size():
                 {"image": torch.zeros(3, 4, 8), "index": 1, "path": "b"},
             ]
         )
+
+
+def test_decode_image_takes_bytes_like_files(tmp_path):
+    path = find_images(PHOTOS)[0]
+    assert np.array_equal(np.asarray(decode_image(path.read_bytes())), np.asarray(load_rgb(path)))
+    with pytest.raises(InputError, match="shard.tar:x.jpg: cannot decode"):
+        decode_image(b"not an image", "shard.tar:x.jpg")

@@ -1,22 +1,21 @@
 """The model bundled in the package: it loads offline and really reconstructs photographs."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
-from wetok.checkpoints import CONFIG_NAME, DEFAULT_MODEL_DIR, load_model
+from conftest import EXAMPLES
+from wetok import WeTok
+from wetok.checkpoints import CONFIG_NAME, DEFAULT_MODEL_DIR
 from wetok.image import pad_to_multiple, pil_to_tensor, tensor_to_pil, unpad
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / CONFIG_NAME).is_file(), reason="no bundled model")
 
 
 def test_bundled_model_reconstructs_the_sample_images():
-    model = load_model(None)
+    model = WeTok.from_pretrained("default")
     assert model.config.name == "small-f8" and model.config.groups == 4 and model.config.bits_per_group == 8
     scores = []
     for path in sorted(EXAMPLES.glob("*.png")):

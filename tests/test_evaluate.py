@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,15 +19,12 @@ import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import nn
 
+from conftest import PHOTOS
 from wetok import WeTok, WeTokConfig
 from wetok.cli.main import main
 from wetok.data import eval_transform, find_images, load_rgb, to_tensor_transform
 from wetok.errors import InputError
 from wetok.evaluate import evaluate
-
-VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "images" / "val"
-if not VAL.is_dir():
-    VAL = Path("/work/shared/data/images/val")
 
 
 class TinyFeatures(nn.Module):
@@ -61,9 +57,9 @@ def _u8(x: torch.Tensor) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------- protocols
 def test_crop256_equals_per_image_brute_force():
     model = tiny_model()
-    report = evaluate(model, VAL, metrics="psnr,ssim,usage", limit=2, batch_size=2, progress=False)
+    report = evaluate(model, PHOTOS, metrics="psnr,ssim,usage", limit=2, batch_size=2, progress=False)
     psnr, ssim, hist = [], [], np.zeros((2, 16), int)
-    for path in find_images(VAL)[:2]:
+    for path in find_images(PHOTOS)[:2]:
         x = eval_transform(256)(load_rgb(path))[None]
         with torch.no_grad():
             rec = model.reconstruct(x)[0].clamp(-1, 1)
@@ -88,7 +84,7 @@ def test_crop256_equals_per_image_brute_force():
 @pytest.mark.parametrize("pad_mode", ["replicate", "constant"])
 def test_original_pads_to_the_models_f_and_crops_back(pad_mode):
     model = tiny_model(ch_mult=(1, 1, 1, 1, 1, 2))  # f = 32: the official script would pad to 16
-    path = find_images(VAL)[0]
+    path = find_images(PHOTOS)[0]
     report = evaluate(
         model, [path], protocol="original", metrics="psnr,usage", pad_mode=pad_mode, progress=False
     )
@@ -113,7 +109,7 @@ def test_batch_size_invariance_end_to_end():
     reports = [
         evaluate(
             model,
-            VAL,
+            PHOTOS,
             metrics="psnr,ssim,fid,usage",
             limit=4,
             batch_size=b,
@@ -135,7 +131,7 @@ def test_generative_decoder_is_seeded_per_image():
         model.decoder.conv_in.weight[:, model.config.z_channels :].normal_(0, 0.5)
 
     def run(seed: int, batch: int) -> dict:
-        return evaluate(model, VAL, metrics="psnr,ssim", limit=2, batch_size=batch, seed=seed, progress=False)
+        return evaluate(model, PHOTOS, metrics="psnr,ssim", limit=2, batch_size=batch, seed=seed, progress=False)
 
     a, b, c = run(0, 1), run(0, 2), run(1, 2)
     assert a["metrics"]["psnr"] == pytest.approx(b["metrics"]["psnr"], rel=1e-6)
@@ -163,7 +159,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, paths: list[str
 def test_two_processes_equal_one_process(tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"junk")
-    paths = [str(p) for p in find_images(VAL)[:3]] + [str(bad)]
+    paths = [str(p) for p in find_images(PHOTOS)[:3]] + [str(bad)]
     single = evaluate(
         tiny_model(),
         paths,
@@ -189,37 +185,38 @@ def test_two_processes_equal_one_process(tmp_path):
 def test_saved_stats_of_the_same_originals_give_fid_ref_equal_rfid(tmp_path):
     model = tiny_model()
     kw = dict(metrics="fid", limit=3, batch_size=3, progress=False, fid_feature_extractor=TinyFeatures())
-    first = evaluate(model, VAL, save_stats=tmp_path / "ref.npz", **kw)
+    first = evaluate(model, PHOTOS, save_stats=tmp_path / "ref.npz", **kw)
     with np.load(tmp_path / "ref.npz") as data:
         assert int(data["n"]) == 3 and data["sigma"].shape == (8, 8)
-    second = evaluate(model, VAL, ref_stats=tmp_path / "ref.npz", **kw)
+    second = evaluate(model, PHOTOS, ref_stats=tmp_path / "ref.npz", **kw)
     assert second["metrics"]["fid_ref"] == pytest.approx(first["metrics"]["rfid"], rel=1e-8)
     with pytest.raises(InputError, match="missing.npz"):
-        evaluate(model, VAL, ref_stats=tmp_path / "missing.npz", **kw)
+        evaluate(model, PHOTOS, ref_stats=tmp_path / "missing.npz", **kw)
 
 
 # ------------------------------------------------------------------------------------------- command line
 def test_cli_eval_runs_in_a_subprocess(tmp_path):
     out = tmp_path / "r.json"
+    n = min(8, len(find_images(PHOTOS)))  # 8 of the shared photographs, or the 4 examples
     cmd = [
         sys.executable,
         "-m",
         "wetok.cli.main",
         "eval",
-        str(VAL),
+        str(PHOTOS),
         "--model",
         "tiny-f8",
         "--metrics",
         "psnr,ssim,usage",
         "--limit",
-        "8",
+        str(n),
         "--out",
         str(out),
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
-    assert report["metrics"]["n_images"] == 8 and report["model"]["spec"] == "tiny-f8"
+    assert report["metrics"]["n_images"] == n and report["model"]["spec"] == "tiny-f8"
     assert 0 < report["metrics"]["psnr"] < 60 and report["metrics"]["compression_ratio"] == 96.0
     assert "| PSNR (dB) |" in done.stdout and f"{report['metrics']['psnr']:.4f}" in done.stdout
 
@@ -233,12 +230,12 @@ def test_cli_errors_are_one_line_and_leave_no_report(tmp_path, monkeypatch, caps
     monkeypatch.setenv("WETOK_OFFLINE", "1")
     monkeypatch.delenv("WETOK_INCEPTION_WEIGHTS", raising=False)
     code = main(
-        ["eval", str(VAL), "--model", "tiny-f8", "--metrics", "fid", "--limit", "2", "--out", str(out), "-q"]
+        ["eval", str(PHOTOS), "--model", "tiny-f8", "--metrics", "fid", "--limit", "2", "--out", str(out), "-q"]
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "pt_inception-2015-12-05-6726825d.pth" in err[0]
     assert "--inception-weights" in err[0]
-    assert main(["eval", str(VAL), "--model", "tiny-f8", "--metrics", "psnr,bogus", "--out", str(out)]) == 2
+    assert main(["eval", str(PHOTOS), "--model", "tiny-f8", "--metrics", "psnr,bogus", "--out", str(out)]) == 2
     assert "unknown metric 'bogus'" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".r.json*"))
 

@@ -6,7 +6,6 @@ import torch
 
 from official_reference import official_decode
 from wetok import WeTok, WeTokConfig
-from wetok.checkpoints import to_official_state_dict
 from wetok.fast import (
     StableGroupNorm,
     WinogradConv2d,
@@ -16,6 +15,7 @@ from wetok.fast import (
     optimize,
     resolve_dtype,
 )
+from wetok.official import to_official_state_dict
 
 CFG = WeTokConfig(channels=32, ch_mult=(1, 2, 2), num_res_blocks=2, z_channels=16, groups=4, bits_per_group=4)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from pathlib import Path
 
 import lpips
 import numpy as np
@@ -18,6 +17,7 @@ import torch.multiprocessing as mp
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import nn
 
+from conftest import PHOTOS
 from wetok.data import eval_transform, find_images, load_rgb, to_model_range
 from wetok.errors import InputError
 from wetok.fid import FeatureStats, frechet_distance
@@ -29,10 +29,6 @@ from wetok.metrics import (
     psnr_ssim,
     to_uint8_hwc,
 )
-
-VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "images" / "val"
-if not VAL.is_dir():
-    VAL = Path("/work/shared/data/images/val")
 
 
 class TinyFeatures(nn.Module):
@@ -51,7 +47,7 @@ class TinyFeatures(nn.Module):
 
 def _real_batch(n: int = 4, size: int = 64) -> tuple[torch.Tensor, np.ndarray]:
     """Real crops (float [-1, 1]) and their uint8 (B, H, W, 3) values."""
-    paths = find_images(VAL)[:n]
+    paths = find_images(PHOTOS)[:n]
     images = torch.stack([eval_transform(size)(load_rgb(p)) for p in paths])
     u8 = np.stack([np.asarray(load_rgb(p).resize((size, size))) for p in paths])  # only for shapes
     return images, u8

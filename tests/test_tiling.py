@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,13 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import PHOTO
 from wetok import WeTok
 from wetok.image import to_uint8
 from wetok.tiling import _cores, _ramp, decode_tiled, encode_tiled, reconstruct_tiled, tile_spans
-
-VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "images" / "val"
-if not VAL.is_dir():
-    VAL = Path("/work/shared/data/images/val")
 
 
 @pytest.mark.parametrize("length", [1, 5, 8, 9, 17, 31, 64, 100])
@@ -98,7 +94,7 @@ def image() -> torch.Tensor:
     from wetok.data import load_rgb
     from wetok.image import pil_to_tensor
 
-    return pil_to_tensor(load_rgb(VAL / "101085.jpg").resize((128, 96)))[None]
+    return pil_to_tensor(load_rgb(PHOTO).resize((128, 96)))[None]
 
 
 @torch.no_grad()

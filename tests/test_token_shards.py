@@ -45,7 +45,7 @@ def make_dataset(folder: Path, bits: int = 4, counts: tuple[int, ...] = (5, 0, 3
     """A hand-made data set: random indices < 2^bits, labels, views; returns the concatenated arrays."""
     rng = np.random.default_rng(seed)
     index = ShardIndex(
-        run="r" * 16, tokenizer={"id": "abcd" * 4, "name": "test"}, groups=GROUPS, bits_per_group=bits,
+        run="r" * 16, tokenizer={"id": "abcd" * 4, "weights_id": "1234" * 4, "name": "test"}, groups=GROUPS, bits_per_group=bits,
         grid=GRID, image_size=(24, 16), class_names=["cat", "dog", "emu"], views=list(views),
         preprocessing={"size": 24}, source="nowhere", num_images=sum(counts),
     )
@@ -112,10 +112,15 @@ def test_check_tokenizer(tmp_path: Path) -> None:
 
     class Model:
         model_id = "abcd" * 4
+        weights_id = "1234" * 4
 
+    assert ds.tokenizer_weights_id == "1234" * 4
     ds.check_tokenizer(Model())
+    Model.weights_id = "9999" * 4
+    with pytest.raises(ModelMismatchError, match="weights 12341234"):
+        ds.check_tokenizer(Model())
     Model.model_id = "ffff" * 4
-    with pytest.raises(ModelMismatchError, match="abcdabcd"):
+    with pytest.raises(ModelMismatchError, match="tokenizer abcdabcd"):
         ds.check_tokenizer(Model())
 
 

@@ -15,19 +15,19 @@ import torch
 
 from wetok import InputError, ModelMismatchError, get_config
 from wetok.quantizer import indices_to_codes
-from wetok.tokens import TokenFile, load_tokens, pack_indices, save_tokens, unpack_indices, wtok_size
+from wetok.tokens import Tokens, load_tokens, pack_indices, save_tokens, unpack_indices, wtok_size
 
 TINY = get_config("tiny-f8")  # f = 8, 4 groups of 4 bits
 
 
-def _random_record(b=1, h=3, w=5, g=4, bits=4, seed=0, model_id=None, **kw) -> TokenFile:
+def _random_record(b=1, h=3, w=5, g=4, bits=4, seed=0, model_id=None, **kw) -> Tokens:
     gen = torch.Generator().manual_seed(seed)
     indices = torch.randint(0, 2**bits, (b, h, w, g), generator=gen)
     f = TINY.downsample_factor
-    return TokenFile(indices=indices, bits_per_group=bits, image_size=(h * f, w * f),
-                     original_size=kw.pop("original_size", (h * f - 3, w * f - 5)),
-                     padding=kw.pop("padding", (2, 3, 1, 2)), model_id=model_id or TINY.identity(),
-                     model="tiny-f8", **kw)
+    return Tokens(indices=indices, bits_per_group=bits, image_size=(h * f, w * f),
+                  original_size=kw.pop("original_size", (h * f - 3, w * f - 5)),
+                  padding=kw.pop("padding", (2, 3, 1, 2)), model_id=model_id or TINY.identity(),
+                  model="tiny-f8", **kw)
 
 
 def _bitstream_reference(values: list[int], bits: int) -> bytes:
@@ -54,6 +54,20 @@ def test_payload_is_the_sign_bits_of_the_codes():
     assert pack_indices(tf.indices, 4) == np.packbits(signs, bitorder="little").tobytes()
 
 
+@pytest.mark.parametrize("fmt", ["json", "wtok"])
+def test_tokens_save_and_load_round_trip(tmp_path, fmt):
+    """Tokens.save / Tokens.load in both formats, the format given explicitly (the name has no suffix)."""
+    tokens = _random_record(b=2, h=4, w=7, weights_id="00112233aabbccdd")
+    path = tokens.save(tmp_path / "t", fmt)
+    data = path.read_bytes()
+    assert data[:4] == b"WTOK" if fmt == "wtok" else json.loads(data)["wetok_meta"]["weights_id"] == tokens.weights_id
+    back = Tokens.load(path, TINY)
+    assert torch.equal(back.indices, tokens.indices) and back.indices.dtype == torch.int64
+    for name in ("bits_per_group", "groups", "image_size", "original_size", "padding", "model_id", "weights_id",
+                 "model"):
+        assert getattr(back, name) == getattr(tokens, name), name
+
+
 @pytest.mark.parametrize("suffix", [".json", ".wtok"])
 def test_round_trip_is_exact(tmp_path, suffix):
     tf = _random_record(b=2, h=4, w=7)
@@ -68,7 +82,7 @@ def test_round_trip_is_exact(tmp_path, suffix):
 @pytest.mark.parametrize("shape,bits", [((1, 3, 5, 4), 4), ((2, 7, 9, 3), 5), ((1, 1, 1, 1), 1), ((1, 16, 16, 4), 8)])
 def test_wtok_size_formula(tmp_path, shape, bits):
     b, h, w, g = shape
-    tf = TokenFile(indices=torch.randint(0, 2**bits, shape), bits_per_group=bits, image_size=(h * 8, w * 8),
+    tf = Tokens(indices=torch.randint(0, 2**bits, shape), bits_per_group=bits, image_size=(h * 8, w * 8),
                    original_size=(h * 8, w * 8), model_id="0123456789abcdef", model="small-f8")
     path = save_tokens(tmp_path / "t.wtok", tf)
     header = 43 + len("0123456789abcdef") + 1 + len("small-f8")  # fixed fields, identity, name (docstring)
@@ -90,7 +104,7 @@ def test_wtok_header_fields_at_documented_offsets(tmp_path):
 def test_json_dtype_follows_the_fork(tmp_path, top, dtype):
     bits = max(1, top.bit_length())
     indices = torch.tensor([[[[0], [top]]]])
-    tf = TokenFile(indices=indices, bits_per_group=bits, image_size=(8, 16), original_size=(8, 16),
+    tf = Tokens(indices=indices, bits_per_group=bits, image_size=(8, 16), original_size=(8, 16),
                    model_id="x")
     obj = json.loads(save_tokens(tmp_path / "t.json", tf).read_text())
     assert obj["wetok"]["dtype"] == dtype and obj["wetok"]["shape"] == [2]

@@ -2,9 +2,11 @@
 
 from .config import WeTokConfig
 from .errors import CheckpointError, InputError, ModelMismatchError, WetokError
-from .model import Tokens, WeTok, WeTokOutput
+from .model import WeTok, WeTokOutput
 from .presets import get_config, list_presets
 from .quantizer import GroupQuantizer, QuantizerOutput
+from .registry import ModelEntry, Weights, create_model, list_models, register_model
+from .tokens import Tokens
 
 __version__ = "0.1.0"
 
@@ -12,13 +14,18 @@ __all__ = [
     "CheckpointError",
     "GroupQuantizer",
     "InputError",
+    "ModelEntry",
     "ModelMismatchError",
     "QuantizerOutput",
     "Tokens",
     "WeTok",
     "WeTokConfig",
     "WeTokOutput",
+    "Weights",
     "WetokError",
+    "create_model",
     "get_config",
+    "list_models",
     "list_presets",
+    "register_model",
 ]

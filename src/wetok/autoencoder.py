@@ -10,6 +10,16 @@ from torch import Tensor, nn
 from .blocks import AdaptiveGroupNorm, ResBlock, Upsample, group_norm, no_autograd, swish
 
 
+def draw_noise(shape: Sequence[int], generator: torch.Generator | None = None,
+               device: torch.device | str | None = None) -> Tensor:
+    """Standard Gaussian float32 noise for the generative decoder: the one place it is drawn.
+
+    Drawn on ``generator``'s device when one is given (so a seeded CPU generator gives the same noise whatever
+    device the model runs on), else on ``device`` (default CPU) from torch's global generator.
+    """
+    device = generator.device if generator is not None else (device if device is not None else "cpu")
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+
 class _Level(nn.Module):
     """One resolution level: ``block`` (a list of ResBlocks) plus an optional resampler."""
 

@@ -5,7 +5,8 @@ kept stable:
 
 * :func:`find_images` lists image files under a root in a deterministic (sorted relative path) order, which for
   ImageNet is the order of the official ``filelist.txt``;
-* :func:`load_rgb` decodes one file to an RGB PIL image, or raises :class:`~wetok.errors.InputError`;
+* :func:`load_rgb` decodes one file (:func:`decode_image` a file or its bytes) to an RGB PIL image, or raises
+  :class:`~wetok.errors.InputError`;
 * :func:`eval_transform` / :func:`train_transform` give float (3, H, W) tensors in [-1, 1];
 * :class:`ImageDataset` never crashes on a bad file: it returns a :class:`BadImage` marker that
   :func:`collate_skip_bad` drops and counts.
@@ -13,6 +14,7 @@ kept stable:
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -33,6 +35,7 @@ __all__ = [
     "BadImage",
     "ImageDataset",
     "collate_skip_bad",
+    "decode_image",
     "eval_transform",
     "find_images",
     "folder_labels",
@@ -147,25 +150,34 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image file to an RGB PIL image, applying its EXIF orientation.
-
-    Raises :class:`InputError` (naming the file) if it is missing, not an image, corrupt, truncated, or larger
-    than Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, left at its default here).
-    Animated images give their first frame. See :func:`to_rgb` for how other modes become RGB.
-    """
+    """Decode an image file to an RGB PIL image, applying its EXIF orientation (see :func:`decode_image`)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "does not exist" if not path.exists() else "is not a file")
+    return decode_image(path)
+
+
+def decode_image(source: str | Path | bytes, name: str | Path | None = None) -> Image.Image:
+    """Decode an image file, or its bytes, to an RGB PIL image, applying its EXIF orientation.
+
+    Raises :class:`InputError` naming ``name`` (default: the path, or "<bytes>") if it is not an image, corrupt,
+    truncated, or larger than Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, left at its
+    default here). Animated images give their first frame. See :func:`to_rgb` for how other modes become RGB.
+    """
+    if isinstance(source, bytes):
+        name, source = name or "<bytes>", io.BytesIO(source)
+    else:
+        name = name or source
     try:
-        with Image.open(path) as opened:
+        with Image.open(source) as opened:
             opened.load()
             image = ImageOps.exif_transpose(opened)
             return to_rgb(image)
     except Image.DecompressionBombError as err:
-        raise InputError(path, f"image too large to decode safely ({err})") from err
+        raise InputError(name, f"image too large to decode safely ({err})") from err
     except Exception as err:  # noqa: BLE001  Pillow plugins raise many types on corrupt data; all mean "unreadable"
         reason = str(err) or type(err).__name__
-        raise InputError(path, f"cannot decode image: {reason}") from err
+        raise InputError(name, f"cannot decode image: {reason}") from err
 
 
 # -------------------------------------------------------------------------------------------------- transforms

@@ -42,6 +42,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._distributed import is_distributed
+
 __all__ = [
     "AUTO_JOINT_BITS",
     "CODEBOOK_FORMS",
@@ -135,7 +137,7 @@ def _code_sums(bit_probs: Tensor) -> Tensor:
 
 def _is_distributed(distributed: bool | None) -> bool:
     if distributed is None:
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return is_distributed()
     if distributed and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("distributed=True but torch.distributed is not initialised")
     return distributed

@@ -33,6 +33,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ._distributed import rank_and_world
+from .autoencoder import draw_noise
 from .data import ImageDataset, collate_skip_bad, eval_transform, find_images, to_tensor_transform
 from .errors import InputError
 from .fid import InceptionFeatures, frechet_distance, load_reference_stats
@@ -65,7 +67,7 @@ def image_noise(model: nn.Module, indices: Tensor, image_index: Tensor, seed: in
     noise = []
     for i in image_index.tolist():
         state = int(np.random.SeedSequence([seed, int(i)]).generate_state(1, dtype=np.uint64)[0] >> 1)
-        noise.append(torch.randn(cfg.z_channels, h, w, generator=torch.Generator().manual_seed(state)))
+        noise.append(draw_noise((cfg.z_channels, h, w), torch.Generator().manual_seed(state)))
     return torch.stack(noise)
 
 
@@ -77,12 +79,6 @@ def _library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
-
-
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _paths(
@@ -155,7 +151,7 @@ def evaluate(
     if (ref_stats is not None or save_stats is not None) and "fid" not in names:
         raise ValueError("ref_stats / save_stats need the fid metric")
     reference = load_reference_stats(ref_stats) if ref_stats is not None else None
-    rank, world = _dist_info()
+    rank, world = rank_and_world()
     device = (
         torch.device(device)
         if device is not None

@@ -23,6 +23,7 @@ import scipy.linalg
 import torch
 from torch import Tensor, nn
 
+from ._files import atomic_write
 from .errors import InputError
 
 __all__ = [
@@ -163,10 +164,8 @@ class FeatureStats:
 
     def save(self, path: str | Path) -> None:
         """Write ``mu``, ``sigma``, ``n`` to an .npz (pytorch-fid reads the same ``mu`` / ``sigma`` keys)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, n=np.int64(self.n))
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: np.savez(tmp, mu=self.mu, sigma=self.sigma, n=np.int64(self.n)),
+                     suffix=".npz")  # np.savez appends .npz to names without it
 
 
 def load_reference_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray, int | None]:

@@ -12,14 +12,13 @@ with the discriminator and averaged over processes (the official code keeps them
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wetok.errors import WetokError
+from ._distributed import is_distributed
+from .errors import InputError
 
 __all__ = [
     "PerceptualLoss",
@@ -31,10 +30,6 @@ __all__ = [
     "lecam_penalty",
     "adaptive_gan_weight",
 ]
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -54,22 +49,13 @@ class PerceptualLoss(nn.Module):
 
     def __init__(self, net: str = "vgg", *, pretrained_backbone: bool = True) -> None:
         super().__init__()
-        import lpips
+        from .metrics import build_lpips
 
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=UserWarning)  # torchvision's deprecated `pretrained=`
-            try:
-                self.lpips = lpips.LPIPS(
-                    net=net, pretrained=True, pnet_rand=not pretrained_backbone, verbose=False
-                )
-            except Exception as err:  # network failure while fetching torchvision's backbone weights
-                raise WetokError(
-                    f"LPIPS({net}): cannot load torchvision's ImageNet {net} backbone ({err}); place the torchvision "
-                    "checkpoint in the torch hub cache (~/.cache/torch/hub/checkpoints) or set "
-                    "loss.perceptual_pretrained=false to use random backbone features"
-                ) from err
-        self.lpips.requires_grad_(False)
-        self.lpips.eval()
+        try:
+            self.lpips = build_lpips(net, pretrained=True, pretrained_backbone=pretrained_backbone)
+        except InputError as err:  # the backbone's weights are missing and could not be downloaded
+            raise InputError(err.path, f"{err.reason}; or set loss.perceptual_pretrained=false to train on random "
+                             "backbone features") from err
 
     def train(self, mode: bool = True) -> PerceptualLoss:
         """Stay in eval mode whatever the parent does (LPIPS' dropout layers must stay off)."""
@@ -92,7 +78,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and _distributed()):
+        if not (self.training and is_distributed()):
             return super().forward(x)
         from .entropy import all_reduce_sum as all_reduce
 
@@ -228,7 +214,7 @@ class LeCamEMA(nn.Module):
     def update(self, logits_real: Tensor, logits_fake: Tensor) -> None:
         """Fold this batch's mean logits into the averages (call before :meth:`penalty`, as the official code)."""
         means = torch.stack([logits_real.detach().float().mean(), logits_fake.detach().float().mean()])
-        if _distributed():
+        if is_distributed():
             dist.all_reduce(means)
             means /= dist.get_world_size()
         self.ema_real.mul_(self.decay).add_((1.0 - self.decay) * means[0])

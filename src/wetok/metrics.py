@@ -118,22 +118,25 @@ def _lpips_backbone_url(net: str) -> str:
     return {"alex": AlexNet_Weights.IMAGENET1K_V1.url, "vgg": VGG16_Weights.IMAGENET1K_V1.url}[net]
 
 
-def build_lpips(net: str, *, pretrained: bool = True) -> nn.Module:
-    """``lpips.LPIPS(net=net)`` in eval mode with frozen weights.
+def build_lpips(net: str, *, pretrained: bool = True, pretrained_backbone: bool | None = None) -> nn.Module:
+    """``lpips.LPIPS(net=net)`` in eval mode with frozen weights: the one LPIPS of the metrics and the losses.
 
     ``pretrained=True`` is the real metric: the calibrated linear heads ship with the ``lpips`` package, the
     ImageNet backbone is torchvision's (looked up in the torch hub cache, downloaded if allowed, else a clear
     :class:`InputError`). ``pretrained=False`` gives random heads and backbone (tests, no download).
+    ``pretrained_backbone`` (default: ``pretrained``) decides the backbone alone, e.g. the package's heads on
+    random backbone features for offline training runs.
     """
     import lpips
 
     if net not in ("alex", "vgg"):
         raise ValueError(f"LPIPS net must be 'alex' or 'vgg', got {net!r}")
-    if pretrained:
+    backbone = pretrained if pretrained_backbone is None else pretrained_backbone
+    if backbone:
         resolve_weights(_lpips_backbone_url(net), f"LPIPS {net} backbone (torchvision)")
     with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=` argument
         warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
-        module = lpips.LPIPS(net=net, pretrained=pretrained, pnet_rand=not pretrained, verbose=False)
+        module = lpips.LPIPS(net=net, pretrained=pretrained, pnet_rand=not backbone, verbose=False)
     module.eval().requires_grad_(False)
     return module
 

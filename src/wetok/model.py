@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,33 +11,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .autoencoder import Decoder, Encoder
+from .autoencoder import Decoder, Encoder, draw_noise
 from .config import WeTokConfig
-from .errors import ModelMismatchError
 from .quantizer import GroupQuantizer, QuantizerOutput, indices_to_codes
+from .tokens import Tokens, check_model
 
-
-@dataclass
-class Tokens:
-    """Discrete tokens of a batch of images, with what decoding needs.
-
-    ``indices`` is int64 (B, h, w, g): one index in [0, 2^bits_per_group) per position and group (bit j of a
-    group is its channel j, least significant first). ``image_size`` is the (H, W) the encoder saw.
-    ``model_id`` is :meth:`WeTokConfig.identity` of the model that made them.
-    """
-
-    indices: Tensor
-    image_size: tuple[int, int]
-    model_id: str
-    groups: int
-    bits_per_group: int
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return int(self.indices.shape[1]), int(self.indices.shape[2])
-
-    def to(self, device: torch.device | str) -> Tokens:
-        return Tokens(self.indices.to(device), self.image_size, self.model_id, self.groups, self.bits_per_group)
+__all__ = ["Tokens", "WeTok", "WeTokOutput", "weights_identity"]
 
 
 @dataclass
@@ -81,26 +61,36 @@ class WeTok(nn.Module):
             token_reduction=config.token_reduction,
         )
         self.decoder = Decoder(**arch, generative=config.generative_decoder)
+        self.name_or_path: str | None = None  # the name or path it was loaded from, recorded in its tokens
+        self._weights_id: str | None = None
 
     # ----------------------------------------------------------------------------------------------- construction
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> WeTok:
-        """A randomly initialised model with a registered configuration (see :func:`wetok.list_presets`)."""
-        from .presets import get_config
+        """A **randomly initialised** model with a registered configuration (:func:`wetok.list_models`), with
+        optional field overrides. For the trained weights of a name use :meth:`from_pretrained`."""
+        from .registry import model_entry
 
-        return cls(get_config(name, **overrides))
+        entry = model_entry(name, "tokenizer")
+        return cls(entry.config.replace(**overrides) if overrides else entry.config)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> WeTok:
-        """Load ``config.json`` + ``model.safetensors`` from a local directory or a Hugging Face Hub repo id."""
+        """The trained model of a native folder (``config.json`` + ``model.safetensors``), a registered name
+        (its bundled or published weights, downloaded and cached; see :func:`wetok.list_models`) or a Hugging Face
+        Hub repo id. Keyword arguments: ``device``, ``dtype``, ``revision``, ``cache_dir``, ``local_files_only``,
+        ``progress`` (see :func:`wetok.checkpoints.load_pretrained`)."""
         from .checkpoints import load_pretrained
 
         return load_pretrained(name_or_path, **kwargs)
 
     @classmethod
     def from_official(cls, ckpt: str | Path, config: str | Path | WeTokConfig, **kwargs: Any) -> WeTok:
-        """Load an official Lightning ``.ckpt`` with its YAML config (or a preset name); EMA weights by default."""
-        from .checkpoints import load_official
+        """Load an official Lightning ``.ckpt`` with its YAML config (or a preset name); EMA weights by default.
+
+        :func:`wetok.official.load_official_with_report` also says where each tensor came from.
+        """
+        from .official import load_official
 
         return load_official(ckpt, config, **kwargs)
 
@@ -125,6 +115,7 @@ class WeTok(nn.Module):
         state["decoder.conv_in.weight"] = torch.cat([weight, torch.zeros_like(weight)], dim=1)
         new.load_state_dict(state)
         new.train(self.training)
+        new.name_or_path = self.name_or_path
         return new
 
     # ------------------------------------------------------------------------------------------------ properties
@@ -134,7 +125,42 @@ class WeTok(nn.Module):
 
     @property
     def model_id(self) -> str:
+        """The architecture identity (:meth:`WeTokConfig.identity`), recorded in tokens."""
         return self.config.identity()
+
+    @property
+    def weights_id(self) -> str:
+        """16 hex digits identifying the encoder and quantizer weights, recorded in tokens beside :attr:`model_id`.
+
+        Computed once (by :meth:`load_state_dict`, else on first use or before the first dtype / device
+        conversion) and cached, so a float32 model converted to bfloat16 keeps the identity of its float32
+        weights. :meth:`train` clears the cache (training changes the weights); weights changed in place outside
+        training need :meth:`refresh_weights_id`.
+        """
+        if self._weights_id is None:
+            self._weights_id = weights_identity(self)
+        return self._weights_id
+
+    def refresh_weights_id(self) -> str:
+        """Recompute :attr:`weights_id` from the current weights."""
+        self._weights_id = None
+        return self.weights_id
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._weights_id = None if next(self.parameters()).is_meta else weights_identity(self)
+        return result
+
+    def train(self, mode: bool = True) -> WeTok:
+        if mode:
+            self._weights_id = None
+        return super().train(mode)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> WeTok:
+        # .to() / .half() / .cuda() ...: fix the identity on the weights as they are before the conversion
+        if self._weights_id is None and not next(self.parameters()).is_meta:
+            self._weights_id = weights_identity(self)
+        return super()._apply(fn, recurse)
 
     def num_parameters(self) -> dict[str, int]:
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -165,18 +191,17 @@ class WeTok(nn.Module):
         latent = self.encode_latent(images)
         indices = self.quantizer(latent).indices
         return Tokens(
-            indices=indices,
-            image_size=(int(images.shape[-2]), int(images.shape[-1])),
+            indices,
+            (int(images.shape[-2]), int(images.shape[-1])),
             model_id=self.model_id,
-            groups=self.config.groups,
+            weights_id=self.weights_id,
             bits_per_group=self.config.bits_per_group,
+            model=self.name_or_path,
         )
 
     def make_noise(self, codes: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Standard Gaussian noise shaped like the quantized latent, drawn from ``generator`` if given."""
-        device = generator.device if generator is not None else codes.device
-        noise = torch.randn(codes.shape, generator=generator, device=device, dtype=torch.float32)
-        return noise.to(device=codes.device, dtype=codes.dtype)
+        return draw_noise(codes.shape, generator, codes.device).to(device=codes.device, dtype=codes.dtype)
 
     def decode_codes(
         self,
@@ -215,10 +240,7 @@ class WeTok(nn.Module):
         ``noise_scale=0`` decodes deterministically.
         """
         if isinstance(tokens, Tokens):
-            if tokens.model_id != self.model_id:
-                raise ModelMismatchError(
-                    f"tokens were made by model {tokens.model_id}, this model is {self.model_id}"
-                )
+            check_model("tokens", tokens, self)
             indices = tokens.indices
         else:
             indices = tokens
@@ -250,3 +272,19 @@ class WeTok(nn.Module):
 
     def copy(self) -> WeTok:
         return copy.deepcopy(self)
+
+
+def weights_identity(model: WeTok) -> str:
+    """16 hex digits of the SHA-256 of the encoder and quantizer state (names, shapes and float32 values).
+
+    Values are hashed as float32, so the identity of a float32 model does not depend on its memory format.
+    """
+    digest = hashlib.sha256()
+    state = {**{f"encoder.{k}": v for k, v in model.encoder.state_dict().items()},
+             **{f"quantizer.{k}": v for k, v in model.quantizer.state_dict().items()}}
+    for key in sorted(state):
+        value = state[key].detach()
+        value = value.to("cpu", torch.float32 if value.is_floating_point() else torch.int64).contiguous()
+        digest.update(f"{key}:{tuple(value.shape)}:".encode())
+        digest.update(value.numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .autoencoder import draw_noise
 from .model import WeTok
 
 __all__ = ["decode_tiled", "encode_tiled", "reconstruct_tiled", "tile_count", "tile_spans"]
@@ -129,8 +130,7 @@ def decode_tiled(
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     if model.config.generative_decoder and noise is None:
-        noise = torch.randn((b, model.config.z_channels, h, w), generator=generator,
-                            device=generator.device if generator is not None else "cpu")
+        noise = draw_noise((b, model.config.z_channels, h, w), generator)
     rows, cols = tile_spans(h, tile, overlap), tile_spans(w, tile, overlap)
     single = len(rows) == 1 and len(cols) == 1
     out = torch.zeros((b, 3, h * f, w * f), dtype=torch.float32)

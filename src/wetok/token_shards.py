@@ -4,7 +4,7 @@ A data set is a folder::
 
     index.json                 what every shard shares (below) and the list of shards with their sample counts
     shard-00000.safetensors    one file per shard of consecutive source images
-    images.txt                 the source images in order, "path<TAB>label" (a valid file list for ``wetok tokenize``)
+    images.txt                 the source images in order, "absolute path<TAB>label" (a file list ``wetok tokenize`` reads)
 
 Each shard holds, for its N samples (one per image and view, views of an image consecutive):
 
@@ -20,8 +20,9 @@ could not read. safetensors was chosen because it is pickle-free, its header (dt
 tensor) is checked before anything is allocated, and its tensors sit at fixed offsets that numpy memory-maps.
 
 ``index.json`` fields: ``format`` ("wetok-token-shards"), ``version`` (1), ``run`` (hash of tokenizer, settings
-and image list; every shard carries it), ``tokenizer`` (``id``: :attr:`WeTok.model_id`, ``name``: the ``--model``
-given, ``downsample_factor``, ``dtype``), ``groups``, ``bits_per_group``, ``grid`` [h, w], ``image_size`` [H, W],
+and image list; every shard carries it), ``tokenizer`` (``id``: :attr:`WeTok.model_id`, the architecture;
+``weights_id``: :attr:`WeTok.weights_id`, the encoder and quantizer weights; ``name``: the ``--model`` given;
+``downsample_factor``; ``dtype`` it ran in), ``groups``, ``bits_per_group``, ``grid`` [h, w], ``image_size`` [H, W],
 ``dtype`` (of ``indices``), ``class_names`` (label -> name: ImageNet wnid, folder name, or the list's label),
 ``views`` (view names), ``preprocessing`` (how each view was made), ``source``, ``num_images``, ``shards``
 ([{"file", "count"}]), ``num_samples``, ``bad_images`` ([{"path", "reason"}]).
@@ -173,8 +174,8 @@ def read_index(path: str | Path) -> ShardIndex:
     if not views or len(views) > 255 or not all(isinstance(v, str) for v in views):
         raise InputError(path, "views must be a list of 1 to 255 strings")
     tokenizer = _need(path, data, "tokenizer", dict)
-    if not isinstance(tokenizer.get("id"), str):
-        raise InputError(path, "tokenizer.id is missing")
+    if not isinstance(tokenizer.get("id"), str) or not isinstance(tokenizer.get("weights_id", ""), str):
+        raise InputError(path, "tokenizer.id is missing (or tokenizer.weights_id is not a string)")
     shards = _need(path, data, "shards", list)
     for s in shards:
         ok = isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("count"), int)
@@ -325,7 +326,8 @@ def check_shard(path: str | Path, index: ShardIndex, number: int, count: int | N
 def _memmap(path: Path, span: TensorSpan) -> np.ndarray:
     if math.prod(span.shape) == 0:
         return np.zeros(span.shape, span.dtype)
-    return np.memmap(path, dtype=span.dtype, mode="r", offset=span.offset, shape=span.shape)
+    # a plain ndarray view: indexing np.memmap itself costs several times more per sample
+    return np.memmap(path, dtype=span.dtype, mode="r", offset=span.offset, shape=span.shape).view(np.ndarray)
 
 
 # ------------------------------------------------------------------------------------------------------- reader
@@ -408,8 +410,13 @@ class TokenDataset(Dataset):
 
     @property
     def tokenizer_id(self) -> str:
-        """:attr:`WeTok.model_id` of the tokenizer that made the tokens."""
+        """:attr:`WeTok.model_id` (architecture and token layout) of the tokenizer that made the tokens."""
         return self.index.tokenizer["id"]
+
+    @property
+    def tokenizer_weights_id(self) -> str | None:
+        """:attr:`WeTok.weights_id` (its encoder and quantizer weights) of that tokenizer, where recorded."""
+        return self.index.tokenizer.get("weights_id")
 
     @property
     def tokenizer_name(self) -> str:
@@ -435,10 +442,14 @@ class TokenDataset(Dataset):
         return self._all_images if self._select is None else self._all_images[self._select]
 
     def check_tokenizer(self, model: Any) -> None:
-        """Raise :class:`ModelMismatchError` unless ``model`` (a WeTok) is the tokenizer these tokens came from."""
+        """Raise :class:`ModelMismatchError` unless ``model`` (a WeTok) is the tokenizer these tokens came from:
+        the same architecture (:attr:`WeTok.model_id`) and, where recorded, the same weights (``weights_id``)."""
         if model.model_id != self.tokenizer_id:
             raise ModelMismatchError(f"{self.root}: tokens were made by tokenizer {self.tokenizer_id}, "
                                      f"the given one is {model.model_id}")
+        if self.tokenizer_weights_id is not None and model.weights_id != self.tokenizer_weights_id:
+            raise ModelMismatchError(f"{self.root}: tokens were made by tokenizer weights {self.tokenizer_weights_id}"
+                                     f", the given tokenizer has weights {model.weights_id}")
 
     # -------------------------------------------------------------------------------------------- samples
     def __len__(self) -> int:

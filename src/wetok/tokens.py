@@ -2,7 +2,10 @@
 
 Both hold the indices of :class:`wetok.Tokens` (int64 (B, h, w, g), one index in [0, 2^d') per position and group)
 plus what decoding needs: the size the encoder saw, the padding added to reach a multiple of f, the original image
-size and the identity of the model (:meth:`WeTokConfig.identity`).
+size and the identity of the model that made them: its architecture (:meth:`WeTokConfig.identity`) and its
+encoder + quantizer weights (:attr:`WeTok.weights_id`, 16 hex digits of a SHA-256). Decoding refuses tokens whose
+identity differs from the decoding model's; files written before the weights identity was recorded (and the
+fork's, which record neither) still load, checked on what they record.
 
 JSON (``.json``), the fork's schema field for field::
 
@@ -11,7 +14,7 @@ JSON (``.json``), the fork's schema field for field::
      "config": YAML path or null, "ckpt": checkpoint path or null, "image_size": requested short side (0 = none),
      "height": H, "width": W,                       # model input size, multiples of f
      "original_height": H0, "original_width": W0,   # the image before resizing and padding
-     "wetok_meta": {...}}                           # ours: model identity, groups, bits, h, w, padding, ...
+     "wetok_meta": {...}}                           # ours: model_id, weights_id, groups, bits, h, w, padding, ...
 
 The flat order is (batch, h, w, group), group fastest. dtype is uint8 when every index is below 256, uint16 below
 65536, else int64. Files without ``wetok_meta`` (written by the fork) are read with the geometry of the model they
@@ -33,7 +36,8 @@ Binary (``.wtok``), version 1, every integer little-endian::
     30      4     W0, original image width
     34      4x2   padding left, right, top, bottom (pixels added to the resized image; u16 each)
     42      1     n, length of the model identity
-    43      n     model identity, ASCII
+    43      n     model identity, ASCII: the architecture identity, then ":" and the weights identity
+                  (files written before the weights identity have the architecture identity only)
     43+n    1     m, length of the model name
     44+n    m     the --model the file was made with, UTF-8 (informative, for messages; may be empty)
     44+n+m  P     payload: ceil(B*h*w*g*d' / 8) bytes
@@ -53,7 +57,7 @@ import json
 import math
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -67,7 +71,8 @@ from .errors import InputError, ModelMismatchError
 __all__ = [
     "MAGIC",
     "VERSION",
-    "TokenFile",
+    "Tokens",
+    "check_model",
     "load_tokens",
     "pack_indices",
     "save_tokens",
@@ -78,6 +83,7 @@ __all__ = [
 MAGIC = b"WTOK"
 VERSION = 1
 JSON_META_KEY = "wetok_meta"
+IDENTITY_SEPARATOR = ":"
 _HEADER = struct.Struct("<4sBBHHIIIIII4HB")  # everything up to and including the identity length
 _CRC = struct.Struct("<I")
 FORMATS = ("json", "wtok")
@@ -95,31 +101,48 @@ class ModelGeometry(Protocol):
     def identity(self) -> str: ...
 
 
-@dataclass(frozen=True)
-class TokenFile:
-    """The content of a token file.
+@dataclass
+class Tokens:
+    """Discrete tokens of a batch of images with what decoding needs; what :meth:`WeTok.encode` returns and what
+    token files hold (:meth:`save` / :meth:`load`).
 
-    ``indices``: int64 (B, h, w, g). ``image_size``: (H, W) the encoder saw, multiples of f. ``padding``: (left,
-    right, top, bottom) pixels that :func:`wetok.image.pad_to_multiple` added, removed by
-    :func:`wetok.image.unpad`. ``original_size``: (H0, W0) of the image before any resize; decoding resizes back to
-    it when it differs from the unpadded size. ``model_id`` is None for files written by the fork.
+    ``indices``: int64 (B, h, w, g), one index in [0, 2^bits_per_group) per position and group (bit j of a group
+    is its channel j, least significant first). ``image_size``: (H, W) the encoder saw, multiples of f.
+    ``model_id``: :meth:`WeTokConfig.identity` of the model that made them (the architecture; None for files
+    written by the fork). ``weights_id``: :attr:`WeTok.weights_id`, the hash of that model's encoder and quantizer
+    weights (None in files written before wetok recorded it: then only the architecture is checked).
+    ``padding``: (left, right, top, bottom) pixels :func:`wetok.image.pad_to_multiple` added, removed by
+    :func:`wetok.image.unpad`. ``original_size``: (H0, W0) of the image before any resize (default: the unpadded
+    size); decoding resizes back to it when it differs from the unpadded size. ``groups`` is the last dimension
+    of ``indices``.
     """
 
     indices: Tensor
-    bits_per_group: int
     image_size: tuple[int, int]
-    original_size: tuple[int, int]
-    padding: tuple[int, int, int, int] = (0, 0, 0, 0)
+    _: KW_ONLY
+    bits_per_group: int
     model_id: str | None = None
-    model: str | None = None  # the --model the file was made with, for messages
+    groups: int | None = None
+    weights_id: str | None = None
+    original_size: tuple[int, int] | None = None
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)
+    model: str | None = None  # the --model the tokens were made with, for messages
     config: str | None = None  # fork field: YAML path
     ckpt: str | None = None  # fork field: checkpoint path
     requested_size: int = 0  # fork field "image_size": the short side asked for, 0 = original size
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def groups(self) -> int:
-        return int(self.indices.shape[-1])
+    def __post_init__(self) -> None:
+        self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
+        self.padding = tuple(int(p) for p in self.padding)  # type: ignore[assignment]
+        if self.indices.dim() >= 1:
+            last = int(self.indices.shape[-1])
+            if self.groups is not None and self.groups != last:
+                raise ValueError(f"groups={self.groups}, but the indices' last dimension is {last}")
+            self.groups = last
+        if self.original_size is None:
+            self.original_size = self.resized_size
+        self.original_size = (int(self.original_size[0]), int(self.original_size[1]))
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -130,6 +153,20 @@ class TokenFile:
         """(H1, W1): the model input size without the padding."""
         left, right, top, bottom = self.padding
         return self.image_size[0] - top - bottom, self.image_size[1] - left - right
+
+    def to(self, device: torch.device | str) -> Tokens:
+        return replace(self, indices=self.indices.to(device))
+
+    def save(self, path: str | Path, fmt: str | None = None) -> Path:
+        """Write a token file: ``fmt`` "json" (the fork's schema) or "wtok" (bit-packed); default from the suffix
+        (``.wtok``, else JSON). Written to a temporary file, then renamed."""
+        return save_tokens(path, self, fmt)
+
+    @classmethod
+    def load(cls, path: str | Path, model: Any = None) -> Tokens:
+        """Read a token file of either format (see :func:`load_tokens`; ``model`` is the decoding model or its
+        config, whose identity the tokens must match)."""
+        return load_tokens(path, model)
 
 
 # ----------------------------------------------------------------------------------------------------- bit packing
@@ -149,9 +186,10 @@ def unpack_indices(data: bytes, count: int, bits: int) -> np.ndarray:
     return np.packbits(value_bits, axis=1, bitorder="little").reshape(-1).view("<u8").astype(np.int64)
 
 
-def wtok_size(batch: int, h: int, w: int, groups: int, bits_per_group: int, model_id: str, model: str = "") -> int:
+def wtok_size(batch: int, h: int, w: int, groups: int, bits_per_group: int, model_id: str, model: str = "",
+              weights_id: str | None = None) -> int:
     """Bytes of a ``.wtok`` file: header (44 + identity + model name) + ceil(B*h*w*g*d'/8) payload + 4-byte CRC."""
-    names = len(model_id.encode("ascii")) + 1 + len(_model_name_bytes(model))
+    names = len(_identity_bytes(model_id, weights_id)) + 1 + len(_model_name_bytes(model))
     return _HEADER.size + names + math.ceil(batch * h * w * groups * bits_per_group / 8) + _CRC.size
 
 
@@ -159,8 +197,13 @@ def _model_name_bytes(model: str | None) -> bytes:
     return (model or "").encode("utf-8")[:255]
 
 
+def _identity_bytes(model_id: str, weights_id: str | None) -> bytes:
+    """The .wtok identity field: the architecture identity, then ``:`` and the weights identity when known."""
+    return (model_id if weights_id is None else f"{model_id}{IDENTITY_SEPARATOR}{weights_id}").encode("ascii")
+
+
 # ----------------------------------------------------------------------------------------------------- writing
-def _check_record(tf: TokenFile) -> None:
+def _check_record(tf: Tokens) -> None:
     if tf.indices.dim() != 4:
         raise ValueError(f"indices must be (B, h, w, g), got shape {tuple(tf.indices.shape)}")
     if tf.indices.is_floating_point():
@@ -170,7 +213,7 @@ def _check_record(tf: TokenFile) -> None:
         raise ValueError(f"indices must lie in [0, 2^{tf.bits_per_group})")
 
 
-def to_json_dict(tf: TokenFile) -> dict[str, Any]:
+def to_json_dict(tf: Tokens) -> dict[str, Any]:
     """The fork-schema dict (plus ``wetok_meta``) for ``tf``."""
     _check_record(tf)
     flat = tf.indices.detach().cpu().reshape(-1).numpy()
@@ -181,6 +224,7 @@ def to_json_dict(tf: TokenFile) -> dict[str, Any]:
     meta = {
         "format_version": VERSION,
         "model_id": tf.model_id,
+        "weights_id": tf.weights_id,
         "model": tf.model,
         "batch": int(b),
         "latent_height": int(h),
@@ -203,12 +247,14 @@ def to_json_dict(tf: TokenFile) -> dict[str, Any]:
     }
 
 
-def to_wtok_bytes(tf: TokenFile) -> bytes:
+def to_wtok_bytes(tf: Tokens) -> bytes:
     """The ``.wtok`` encoding of ``tf`` (layout in the module docstring)."""
     _check_record(tf)
     if tf.model_id is None:
         raise ValueError("a .wtok file needs the model identity")
-    ident = tf.model_id.encode("ascii")
+    ident = _identity_bytes(tf.model_id, tf.weights_id)
+    if len(ident) > 255:
+        raise ValueError("the model identity is longer than 255 bytes")
     b, h, w, g = (int(s) for s in tf.indices.shape)
     name = _model_name_bytes(tf.model)
     header = _HEADER.pack(MAGIC, VERSION, tf.bits_per_group, g, b, h, w, *tf.image_size, *tf.original_size,
@@ -226,7 +272,7 @@ def format_for(path: str | Path, fmt: str | None = None) -> str:
     return "wtok" if Path(path).suffix.lower() == ".wtok" else "json"
 
 
-def save_tokens(path: str | Path, tf: TokenFile, fmt: str | None = None) -> Path:
+def save_tokens(path: str | Path, tf: Tokens, fmt: str | None = None) -> Path:
     """Write ``tf`` to ``path`` (a temporary file renamed into place, so no half-written file is left)."""
     path = Path(path)
     fmt = format_for(path, fmt)
@@ -236,14 +282,15 @@ def save_tokens(path: str | Path, tf: TokenFile, fmt: str | None = None) -> Path
 
 
 # ----------------------------------------------------------------------------------------------------- reading
-def load_tokens(path: str | Path, config: ModelGeometry | None = None) -> TokenFile:
+def load_tokens(path: str | Path, model: Any = None) -> Tokens:
     """Read and validate a ``.json`` or ``.wtok`` token file (the format is sniffed from the content).
 
-    With ``config`` (the decoding model's config) the file's model identity must match it
-    (:class:`ModelMismatchError` otherwise), and files without our metadata (the fork's) take their geometry from
-    it. Every other defect (truncation, bad magic, unknown version, checksum or field inconsistencies) raises
-    :class:`InputError` naming the file.
+    ``model`` is the decoding :class:`wetok.WeTok` (or only its :class:`wetok.WeTokConfig`). With it the tokens'
+    model identity must match (:class:`ModelMismatchError` otherwise, see :func:`check_model`), and files without
+    our metadata (the fork's) take their geometry from it. Every other defect (truncation, bad magic, unknown
+    version, checksum or field inconsistencies) raises :class:`InputError` naming the file.
     """
+    config = _config_of(model)
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -263,18 +310,37 @@ def load_tokens(path: str | Path, config: ModelGeometry | None = None) -> TokenF
         raise InputError(path, "truncated .wtok file (shorter than its header)")
     else:
         raise InputError(path, "not a token file (neither .wtok magic nor JSON)")
-    if config is not None:
-        check_model(path, tf, config)
+    if model is not None:
+        check_model(path, tf, model)
     return tf
 
 
-def check_model(path: str | Path, tf: TokenFile, config: ModelGeometry) -> None:
-    """Raise :class:`ModelMismatchError` if ``tf`` was not made by a model with ``config``'s architecture."""
+def _config_of(model: Any) -> ModelGeometry | None:
+    return getattr(model, "config", model)
+
+
+def check_model(path: str | Path, tf: Tokens, model: Any) -> None:
+    """Raise :class:`ModelMismatchError` if ``tf`` was not made by ``model`` (a :class:`wetok.WeTok`, or a config).
+
+    The architecture identities must agree (when the tokens record one), and, when both the tokens and ``model``
+    know it, so must the identity of the encoder and quantizer weights (:attr:`wetok.WeTok.weights_id`): tokens
+    of another trained model of the same architecture are refused. A stage-2 model made by
+    :meth:`wetok.WeTok.to_generative` keeps the stage-1 encoder and so decodes its tokens. Files written before
+    weights identities were recorded are checked on the architecture only.
+    """
+    config = _config_of(model)
+    made = f" ({tf.model})" if tf.model else ""
     if tf.model_id is not None and tf.model_id != config.identity():
-        made = f" ({tf.model})" if tf.model else ""
         raise ModelMismatchError(
             f"{path}: tokens were made by model {tf.model_id}{made}, but the decoding model is "
             f"{config.identity()}; pass the matching --model"
+        )
+    weights_id = getattr(model, "weights_id", None)
+    if tf.weights_id is not None and weights_id is not None and tf.weights_id != weights_id:
+        raise ModelMismatchError(
+            f"{path}: tokens were made by a model with other trained weights{made} (encoder weights "
+            f"{tf.weights_id}, the decoding model's are {weights_id}); its decoder would give a wrong image, "
+            "pass the --model that made them"
         )
     if tf.groups != config.groups or tf.bits_per_group != config.bits_per_group:
         raise ModelMismatchError(
@@ -290,7 +356,7 @@ def check_model(path: str | Path, tf: TokenFile, config: ModelGeometry) -> None:
         )
 
 
-def _parse_wtok(path: Path, data: bytes) -> TokenFile:
+def _parse_wtok(path: Path, data: bytes) -> Tokens:
     if len(data) < _HEADER.size:
         raise InputError(path, f"truncated .wtok file ({len(data)} bytes, shorter than its header)")
     (_, version, bits, g, b, h, w, height, width, h0, w0, pl, pr, pt, pb, n_id) = _HEADER.unpack_from(data)
@@ -311,19 +377,21 @@ def _parse_wtok(path: Path, data: bytes) -> TokenFile:
     if len(data) != expected:
         raise InputError(path, f"corrupt .wtok header ({len(data)} bytes, header says {expected})")
     try:
-        model_id = data[_HEADER.size : _HEADER.size + n_id].decode("ascii")
+        identity = data[_HEADER.size : _HEADER.size + n_id].decode("ascii")
         model = data[_HEADER.size + n_id + 1 : start].decode("utf-8")
     except UnicodeDecodeError:
         raise InputError(path, "corrupt .wtok header (model identity or name is not text)") from None
+    model_id, _, weights_id = identity.partition(IDENTITY_SEPARATOR)
     payload = data[start : -_CRC.size]
     flat = unpack_indices(payload, b * h * w * g, bits)
-    tf = TokenFile(
+    tf = Tokens(
         indices=torch.from_numpy(flat).reshape(b, h, w, g),
         bits_per_group=bits,
         image_size=(height, width),
         original_size=(h0, w0),
         padding=(pl, pr, pt, pb),
         model_id=model_id,
+        weights_id=weights_id or None,
         model=model or None,
     )
     _check_geometry(path, tf)
@@ -342,7 +410,7 @@ def _json_int(path: Path, obj: dict[str, Any], key: str, default: int | None = N
 _JSON_DTYPES = {"uint8": "<u1", "uint16": "<u2", "int16": "<i2", "int32": "<i4", "uint32": "<u4", "int64": "<i8"}
 
 
-def _parse_json(path: Path, data: bytes, config: ModelGeometry | None) -> TokenFile:
+def _parse_json(path: Path, data: bytes, config: ModelGeometry | None) -> Tokens:
     try:
         obj = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -392,7 +460,7 @@ def _parse_json(path: Path, data: bytes, config: ModelGeometry | None) -> TokenF
                 f"{path}: {count} indices do not fit a {height}x{width} image with this model "
                 f"(f={f}, {g} groups)"
             )
-        tf = TokenFile(indices=torch.from_numpy(flat).reshape(b, h, w, g), bits_per_group=bits,
+        tf = Tokens(indices=torch.from_numpy(flat).reshape(b, h, w, g), bits_per_group=bits,
                        image_size=(height, width), original_size=original if all(original) else (height, width),
                        **common)
     else:
@@ -414,17 +482,21 @@ def _parse_json(path: Path, data: bytes, config: ModelGeometry | None) -> TokenF
         model_id = meta.get("model_id")
         if not isinstance(model_id, str):
             raise InputError(path, "token JSON lacks the model identity")
+        weights_id = meta.get("weights_id")
+        if weights_id is not None and not isinstance(weights_id, str):
+            raise InputError(path, f"'weights_id' must be a string, got {weights_id!r}")
         extra = {k: v for k, v in meta.items() if k not in {
-            "format_version", "model_id", "model", "batch", "latent_height", "latent_width", "groups",
+            "format_version", "model_id", "weights_id", "model", "batch", "latent_height", "latent_width", "groups",
             "bits_per_group", "padding"}}
-        tf = TokenFile(indices=torch.from_numpy(flat).reshape(b, h, w, g), bits_per_group=bits,
+        tf = Tokens(indices=torch.from_numpy(flat).reshape(b, h, w, g), bits_per_group=bits,
                        image_size=(height, width), original_size=original, padding=tuple(padding),
-                       model_id=model_id, model=meta.get("model"), extra=extra, **common)
+                       model_id=model_id, weights_id=weights_id, model=meta.get("model"), extra=extra,
+                       **common)
     _check_geometry(path, tf)
     return tf
 
 
-def _check_geometry(path: Path, tf: TokenFile) -> None:
+def _check_geometry(path: Path, tf: Tokens) -> None:
     """Field consistency that a tampered or corrupt file breaks."""
     h, w = tf.grid_size
     height, width = tf.image_size

@@ -27,9 +27,8 @@ from ..errors import InputError, WetokError
 from ..fast import DTYPES
 from ..image import PAD_MODES, pad_to_multiple, pil_to_tensor, tensor_to_pil, unpad
 from ..model import WeTok
+from .models import FALLBACK_MODEL  # noqa: F401  (re-exported: used when there is no bundled model)
 
-#: Used when --model is not given and the package has no bundled default model yet.
-FALLBACK_MODEL = "tiny-f8"
 TOKEN_SUFFIXES = (".json", ".wtok")
 IMAGE_OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 #: Images with more pixels than this are tiled when --tile is not given.
@@ -42,8 +41,11 @@ def add_model_options(p: argparse.ArgumentParser, *, speed: bool = True) -> None
     """--model, --config, --device, --dtype and, with ``speed``, --compile and --no-fast."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
-                   help="preset name, native model directory, Hugging Face Hub id, wetok train checkpoint (.pt), "
-                   "official .ckpt (with --config) or official:<name>; default: the bundled model")
+                   help="a registered name (its trained weights, downloaded if needed; `wetok info` lists them), "
+                   "native model folder, Hugging Face Hub id, wetok train checkpoint (.pt) or run folder, or "
+                   "official .ckpt (with --config); official:<name> is accepted too; default: the bundled model")
+    g.add_argument("--random-init", action="store_true",
+                   help="use --model's configuration with random weights (seeded) instead of its trained weights")
     g.add_argument("--config", default=None, help="the official YAML config (or a preset name) of a .ckpt --model")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     if not speed:
@@ -102,33 +104,39 @@ def resolve_device(device: str | None) -> torch.device:
 
 def model_spec(args: argparse.Namespace) -> str:
     """The --model actually used: the given one, the bundled default, or the random fallback preset."""
-    from ..checkpoints import CONFIG_NAME, DEFAULT_MODEL_DIR
+    from .models import default_spec, random_init_note
 
     if args.model is not None:
         return args.model
-    if (DEFAULT_MODEL_DIR / CONFIG_NAME).is_file():
-        return "default"
-    note(args, f"note: no bundled default model in this installation; using preset {FALLBACK_MODEL!r}, randomly "
-               "initialised (seed 0), so outputs are not meaningful. Pass --model.")
+    default = default_spec()
+    if default is not None:
+        return default
+    args.random_init = True
+    note(args, f"note: no bundled default model in this installation; using preset {FALLBACK_MODEL!r}. "
+               + random_init_note(FALLBACK_MODEL).removeprefix("note: "))
     return FALLBACK_MODEL
 
 
 def load_model_from_args(args: argparse.Namespace) -> tuple[WeTok, str]:
-    """The model of --model / --config on --device in --dtype, ready for inference, and the spec it came from.
+    """The model of --model / --config / --random-init on --device in --dtype, ready for inference, and the spec
+    it came from (resolved by :func:`wetok.cli.models.load_model`).
 
     Unless ``--no-fast`` is given (or the command has no speed options), the model goes through
     :func:`wetok.fast.optimize` (channels_last, Winograd convolutions on the CPU in float32, ``--compile``).
-    Presets are randomly initialised; the initialisation is seeded (without touching the global RNG) so that two
-    runs of the command, e.g. ``encode`` then ``decode``, use the same weights.
+    A randomly initialised model is seeded, so that e.g. ``encode`` then ``decode`` use the same weights, and
+    announced in one line on stderr (unless --quiet).
     """
-    from ..checkpoints import load_model
     from ..fast import optimize, resolve_dtype
+    from .models import load_model, random_init_note
 
+    given = args.model is not None
     spec = model_spec(args)
+    random_init = bool(getattr(args, "random_init", False))
     device = resolve_device(args.device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = load_model(spec, args.config)
+    model = load_model(spec, args.config, random_init=random_init, progress=not getattr(args, "quiet", False))
+    if random_init and given:
+        note(args, random_init_note(spec))
+    model.weights_id  # noqa: B018  (computed now, on the loaded float32 weights, before any dtype change)
     dtype = resolve_dtype(args.dtype, device)
     if getattr(args, "fast", False):
         return optimize(model, device=device, dtype=dtype, compile=args.compile), spec
@@ -141,17 +149,9 @@ def load_model_from_args(args: argparse.Namespace) -> tuple[WeTok, str]:
 
 def config_from_args(args: argparse.Namespace) -> WeTokConfig:
     """Only the :class:`WeTokConfig` of --model, without loading weights where that is possible."""
-    from ..checkpoints import CONFIG_NAME, read_config, read_official_config
-    from ..presets import get_config, is_preset
+    from .models import spec_config
 
-    spec = model_spec(args)
-    if is_preset(spec):
-        return get_config(spec)
-    if Path(spec).is_dir() and (Path(spec) / CONFIG_NAME).is_file():
-        return read_config(Path(spec) / CONFIG_NAME)
-    if spec.endswith(".ckpt") and args.config is not None:
-        return get_config(args.config) if is_preset(args.config) else read_official_config(args.config)
-    return load_model_from_args(args)[0].config
+    return spec_config(model_spec(args), args.config)
 
 
 # ------------------------------------------------------------------------------------------------------ inputs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..checkpoints import load_official
+from ..official import load_official_with_report
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model, report = load_official(args.ckpt, args.config, ema=not args.raw, output_loading_info=True)
+    model, report = load_official_with_report(args.ckpt, args.config, ema=not args.raw)
     model.save_pretrained(args.output)
     print(f"{args.ckpt} -> {args.output}: {report.summary()}")
     return 0

@@ -13,7 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "decode",
         help="decode token files to images",
         description="Decode token files (.json or .wtok; files, folders, glob patterns) to images at their "
-        "original size. The files must come from a model with the same architecture as --model; JSON files "
+        "original size. The files must come from --model (same architecture and, where the file records it, the "
+        "same encoder weights; a stage-2 model decodes its stage-1 model's tokens); JSON files "
         "written by the public fork's generate_wetok.py are read with --model's geometry.",
     )
     p.add_argument("inputs", nargs="+", metavar="TOKENS", help="token files, folders or glob patterns")
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     model, _ = common.load_model_from_args(args)
 
     def work(item: common.Item) -> None:
-        record = load_tokens(item.path, model.config)
+        record = load_tokens(item.path, model)
         batch = record.indices.shape[0]
         targets = []
         for i in range(batch):

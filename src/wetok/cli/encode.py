@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data import load_rgb
-    from ..tokens import TokenFile, save_tokens
+    from ..tokens import Tokens, save_tokens
 
     items, errors = common.expand_inputs(args.inputs, "image")
     out = Path(args.output)
@@ -44,13 +44,14 @@ def run(args: argparse.Namespace) -> int:
         target = common.output_path(out, item, len(items), f".{fmt}", common.TOKEN_SUFFIXES)
         prepared = common.prepare_image(load_rgb(item.path), f, args.size, args.pad_mode)
         indices = common.encode_pixels(model, prepared.pixels, args.tile, common.show_progress(args))
-        record = TokenFile(
+        record = Tokens(
             indices=indices,
             bits_per_group=model.config.bits_per_group,
             image_size=tuple(prepared.pixels.shape[-2:]),
             original_size=prepared.original_size,
             padding=prepared.padding,
             model_id=model.model_id,
+            weights_id=model.weights_id,
             model=spec,
             config=args.config if official else None,
             ckpt=spec if official else None,

@@ -7,13 +7,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed
 
+from .._files import atomic_write
 from ..errors import InputError
 from . import common
 
@@ -129,16 +129,8 @@ def _finite(value: Any) -> Any:
 
 def write_json_atomic(report: dict[str, Any], path: Path) -> None:
     """Write through a temporary file in the same folder, renamed into place (no half-written report)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(_finite(report), fh, indent=2, allow_nan=False)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    text = json.dumps(_finite(report), indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from ..errors import InputError
 from . import common
 
 if TYPE_CHECKING:
-    from ..tokens import TokenFile
+    from ..tokens import Tokens
 
 MIN_PANEL = 256  # small token maps are upscaled (nearest) to at least this many pixels on their long side
 GAP, LABEL = 6, 16  # pixels between panels, height of the label strip
@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def token_map(record: TokenFile) -> Image.Image:
+def token_map(record: Tokens) -> Image.Image:
     """The picture: rows = images of the batch, columns = groups."""
     b, h, w, g = record.indices.shape
     scale = max(1, math.ceil(MIN_PANEL / max(h, w)))
@@ -55,7 +55,7 @@ def token_map(record: TokenFile) -> Image.Image:
     return canvas
 
 
-def group_stats(record: TokenFile) -> list[tuple[int, float]]:
+def group_stats(record: Tokens) -> list[tuple[int, float]]:
     """Per group: number of distinct indices and the empirical entropy of their histogram in bits."""
     stats = []
     for k in range(record.groups):

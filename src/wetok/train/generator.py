@@ -104,11 +104,12 @@ def model_config_for(cfg: Any, data: Any) -> Any:
 def load_tokenizer(spec: str, tokenizer_id: str | None = None, *, source: object = "model.tokenizer") -> Any:
     """A WeTok from anything ``--model`` accepts (randomly initialised presets are seeded without touching the
     global RNG), checked against the id of the tokenizer that made the tokens."""
-    from ..checkpoints import load_model
+    from ..cli.models import load_model  # the one --model resolver (after the merge of main's registry)
+    from ..presets import is_preset
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        tokenizer = load_model(spec)
+        tokenizer = load_model(spec, random_init=is_preset(spec) and not Path(spec).exists(), progress=False)
     if tokenizer_id is not None and tokenizer.model_id != tokenizer_id:
         raise InputError(source, f"tokenizer {spec} ({tokenizer.model_id}) did not make these tokens "
                                  f"({tokenizer_id})")

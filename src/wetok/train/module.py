@@ -4,12 +4,11 @@ construction of the models for each stage. The engine (:mod:`wetok.train.run`) o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..config import WeTokConfig
+from ..config import ARCHITECTURE_FIELDS, WeTokConfig
 from ..errors import InputError
 from ..losses import (
     LeCamEMA,
@@ -20,6 +19,7 @@ from ..losses import (
     non_saturating_g_loss,
 )
 from ..model import WeTok, WeTokOutput
+from .checkpoints import load_training_checkpoint, model_from_checkpoint
 from .config import TrainConfig
 
 __all__ = [
@@ -122,40 +122,6 @@ def build_discriminator(cfg: TrainConfig) -> PatchDiscriminator:
     return PatchDiscriminator(ndf=d.ndf, n_layers=d.n_layers, norm=d.norm)
 
 
-def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by ``wetok train`` (tensors and plain Python values only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "does not exist" if not path.exists() else "is not a file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated or foreign files raise various pickle/zip errors
-        lines = str(err).strip().splitlines()
-        reason = lines[0] if lines else type(err).__name__
-        if reason.startswith("Weights only load failed"):  # torch's multi-paragraph advice about weights_only
-            reason = "not a torch.save file of tensors and plain values, or a corrupt one"
-        raise InputError(path, f"cannot read training checkpoint: {reason}") from err
-    if not isinstance(ckpt, dict) or "model_config" not in ckpt or "ema" not in ckpt:
-        raise InputError(path, "not a wetok training checkpoint (no model_config / ema entries)")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict[str, Any], *, ema: bool = True, source: object = "checkpoint") -> WeTok:
-    """The EMA (default; the live weights when the run kept no EMA) or live tokenizer of a tokenizer training
-    checkpoint, as a :class:`WeTok` in eval mode."""
-    if ckpt.get("task", "tokenizer") != "tokenizer":
-        raise InputError(source, f"is a {ckpt['task']} training checkpoint, not a tokenizer's")
-    model = WeTok(WeTokConfig.from_dict(ckpt["model_config"]))
-    if ema and ckpt["ema"] is not None:
-        state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
-    else:
-        state = ckpt["generator"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise InputError(source, f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return model.eval()
-
-
 def _load_init(path: str) -> WeTok:
     p = Path(path)
     if p.is_dir():
@@ -186,8 +152,7 @@ def build_generator(cfg: TrainConfig) -> WeTok:
     return model.train()
 
 
-_ARCH_FIELDS = ("channels", "ch_mult", "num_res_blocks", "z_channels", "groups", "bits_per_group", "norm_groups",
-                "generative_decoder")
+_ARCH_FIELDS = (*ARCHITECTURE_FIELDS, "generative_decoder")  # the encoder's fields plus the decoder kind
 
 
 def _with_config(model: WeTok, config: WeTokConfig) -> WeTok:

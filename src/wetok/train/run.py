@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .._files import atomic_write
 from ..errors import InputError, WetokError
+from .checkpoints import CHECKPOINT_DIR, LAST_POINTER, latest_checkpoint
 from .config import TrainConfig
 from .ema import EMA
 from .module import load_training_checkpoint
@@ -40,8 +41,6 @@ __all__ = ["train", "latest_checkpoint", "lr_factor"]
 
 log = logging.getLogger("wetok.train")
 
-CHECKPOINT_DIR = "checkpoints"
-LAST_POINTER = "last"
 CHECKPOINT_VERSION = 1
 # What the progress bar shows of every task
 _BAR_COMMON = ("loss", "lr")
@@ -62,24 +61,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     progress = min(1.0, (step - start) / max(1, total - start))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1.0 - progress
     return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * shape
-
-
-def pointed_checkpoint(pointer: str | Path) -> Path:
-    """The checkpoint a ``checkpoints/last`` pointer names (a one-line text file; the file may be gone)."""
-    pointer = Path(pointer)
-    return pointer.parent / pointer.read_text().strip()
-
-
-def latest_checkpoint(output: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run directory (the ``checkpoints/last`` pointer, else the highest step)."""
-    folder = Path(output) / CHECKPOINT_DIR
-    pointer = folder / LAST_POINTER
-    if pointer.is_file():
-        candidate = pointed_checkpoint(pointer)
-        if candidate.is_file():
-            return candidate
-    found = sorted(folder.glob("step-*.pt"))
-    return found[-1] if found else None
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:

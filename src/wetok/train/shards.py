@@ -22,7 +22,6 @@ Local (seekable) files only: the member list of each shard is read before its sa
 from __future__ import annotations
 
 import glob
-import io
 import logging
 import re
 import tarfile
@@ -31,10 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..data import to_rgb
+from ..data import IMAGE_EXTENSIONS, decode_image
 from ..errors import InputError
 from .data import CropSpec, FilteredOut, collate, sample_rng
 
@@ -42,7 +40,6 @@ __all__ = ["ShardStream", "build_shard_loader", "expand_shards", "is_shard_sourc
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm")
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
@@ -87,15 +84,9 @@ def read_shard_index(shard: str) -> list[tuple[str, tarfile.TarInfo]]:
                 continue
             folder, _, name = member.name.rpartition("/")
             stem, dot, ext = name.partition(".")
-            if dot and ext.lower() in IMAGE_EXTS:
+            if dot and f".{ext.lower()}" in IMAGE_EXTENSIONS:
                 seen.setdefault(f"{folder}/{stem}" if folder else stem, member)
     return list(seen.items())
-
-
-def _decode(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as opened:
-        opened.load()
-        return to_rgb(ImageOps.exif_transpose(opened))
 
 
 def _perm(n: int, *key: int) -> list[int]:
@@ -156,9 +147,8 @@ class ShardStream(IterableDataset):
                         key, member = index[visit[sample]]
                         rng = sample_rng(self.seed, f"{shard_index}:{key}:{epoch}")
                         try:
-                            image = self.spec(_decode(tar.extractfile(member).read()), rng)
-                        except (OSError, ValueError, FilteredOut, tarfile.TarError, Image.DecompressionBombError,
-                                SyntaxError) as err:
+                            image = self.spec(decode_image(tar.extractfile(member).read(), member.name), rng)
+                        except (OSError, ValueError, FilteredOut, tarfile.TarError, InputError) as err:
                             log.warning("skipping %s in %s: %s", member.name, shard, err)
                             skipped += 1
                             sample += 1

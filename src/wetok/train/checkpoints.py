@@ -1,0 +1,137 @@
+"""Reading what ``wetok train`` writes: the checkpoints of a run folder and the model inside one, and their export
+to the native format (``wetok export``)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._files import current_umask
+from ..config import WeTokConfig
+from ..errors import InputError
+from ..model import WeTok
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "LAST_POINTER",
+    "export",
+    "latest_checkpoint",
+    "load_training_checkpoint",
+    "model_from_checkpoint",
+    "pointed_checkpoint",
+    "resolve_checkpoint",
+]
+
+CHECKPOINT_DIR = "checkpoints"
+LAST_POINTER = "last"
+
+
+def pointed_checkpoint(pointer: str | Path) -> Path:
+    """The checkpoint a ``checkpoints/last`` pointer names (a one-line text file; the file may be gone)."""
+    pointer = Path(pointer)
+    return pointer.parent / pointer.read_text().strip()
+
+
+def latest_checkpoint(output: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run directory (the ``checkpoints/last`` pointer, else the highest step)."""
+    folder = Path(output) / CHECKPOINT_DIR
+    pointer = folder / LAST_POINTER
+    if pointer.is_file():
+        candidate = pointed_checkpoint(pointer)
+        if candidate.is_file():
+            return candidate
+    found = sorted(folder.glob("step-*.pt"))
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file from a ``step-*.pt`` file, a ``checkpoints/last`` pointer or a run folder (its last)."""
+    path = Path(path)
+    if path.is_dir():
+        last = latest_checkpoint(path)
+        if last is None:
+            raise InputError(path, "holds no checkpoints/step-*.pt")
+        return last
+    if path.name == LAST_POINTER and path.is_file():
+        try:
+            checkpoint = pointed_checkpoint(path)
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(path, f"is not a readable checkpoints/last pointer ({err})") from None
+        if not checkpoint.is_file():
+            raise InputError(path, f"points to {checkpoint.name}, which does not exist")
+        return checkpoint
+    return path
+
+
+def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by ``wetok train`` (tensors and plain Python values only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "does not exist" if not path.exists() else "is not a file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or foreign files raise various pickle/zip errors
+        lines = str(err).strip().splitlines()
+        reason = lines[0] if lines else type(err).__name__
+        if reason.startswith("Weights only load failed"):  # torch's multi-paragraph advice about weights_only
+            reason = "not a torch.save file of tensors and plain values, or a corrupt one"
+        raise InputError(path, f"cannot read training checkpoint: {reason}") from err
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt or "ema" not in ckpt:
+        raise InputError(path, "not a wetok training checkpoint (no model_config / ema entries)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], *, ema: bool = True, source: object = "checkpoint") -> WeTok:
+    """The EMA (default; the live weights when the run kept no EMA) or live tokenizer of a tokenizer training
+    checkpoint, as a :class:`WeTok` in eval mode."""
+    if ckpt.get("task", "tokenizer") != "tokenizer":
+        raise InputError(source, f"is a {ckpt['task']} training checkpoint, not a tokenizer's")
+    model = WeTok(WeTokConfig.from_dict(ckpt["model_config"]))
+    if ema and ckpt["ema"] is not None:
+        state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    else:
+        state = ckpt["generator"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputError(source, f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.name_or_path = str(source)
+    return model.eval()
+
+
+def load_checkpoint_model(path: str | Path, *, ema: bool = True) -> WeTok:
+    """The model of a training checkpoint, a ``checkpoints/last`` pointer or a run folder (its last checkpoint)."""
+    checkpoint = resolve_checkpoint(path)
+    return model_from_checkpoint(load_training_checkpoint(checkpoint), ema=ema, source=checkpoint)
+
+
+def export(checkpoint: str | Path, output: str | Path, *, ema: bool = True) -> Path:
+    """Write the model of a training checkpoint (or of a run folder's last checkpoint) to ``output`` as a native
+    model folder; a new folder appears whole (written under a temporary name, then renamed)."""
+    from .generator import generator_from_checkpoint
+
+    output = Path(output)
+    checkpoint = resolve_checkpoint(checkpoint)
+    ckpt = load_training_checkpoint(checkpoint)
+    build = generator_from_checkpoint if ckpt.get("task") == "generator" else model_from_checkpoint
+    model = build(ckpt, ema=ema, source=checkpoint)
+    if output.exists() and not output.is_dir():
+        raise InputError(output, "exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()):
+        model.save_pretrained(output)  # each file is written to a temporary name, then renamed
+        return output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700 folders; give the usual permissions
+        model.save_pretrained(tmp)
+        if output.is_dir():
+            output.rmdir()
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
