@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
+from torchvision.transforms.v2 import functional as TF
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 FEATURE_DIM = 128
@@ -80,10 +81,17 @@ def to_input(images: np.ndarray | Tensor) -> Tensor:
     return (x - mean) / std
 
 
-def augment(x: Tensor, generator: torch.Generator) -> Tensor:
+def augment(x: Tensor, generator: torch.Generator, blur: bool = False) -> Tensor:
     """Random horizontal flip and a random 32x32 crop of the 4-pixel reflect-padded image (the usual CIFAR
-    augmentation), per image."""
+    augmentation), per image. ``blur``: also blur a random half of the batch with a Gaussian (5x5, sigma drawn
+    from [0.4, 1.2] per batch), so that the classifier judges the content of blurry images (decoded tokens)
+    rather than their blur."""
     n = x.shape[0]
+    if blur:
+        sigma = 0.4 + 0.8 * float(torch.rand((), generator=generator))
+        blurred = TF.gaussian_blur(x, [5, 5], [sigma, sigma])
+        pick = (torch.rand(n, generator=generator) < 0.5).view(n, 1, 1, 1)
+        x = torch.where(pick, blurred, x)
     flip = torch.rand(n, generator=generator) < 0.5
     x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
     padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
@@ -162,7 +170,7 @@ def accuracy(model: CifarNet, images: np.ndarray, labels: np.ndarray) -> float:
 
 # ------------------------------------------------------------------------------------------------------ train
 def train(model: CifarNet, images: np.ndarray, labels: np.ndarray, *, epochs: int, batch_size: int, lr: float,
-          seed: int, log: list[dict]) -> None:
+          seed: int, log: list[dict], blur: bool = False) -> None:
     """SGD with Nesterov momentum, one-cycle-like schedule (linear warm-up over the first 15% of steps, then
     cosine decay to zero), label smoothing 0.1, bf16 autocast (float32 on CPUs without native bf16 is slower
     but the same recipe)."""
@@ -187,7 +195,7 @@ def train(model: CifarNet, images: np.ndarray, labels: np.ndarray, *, epochs: in
         running, seen = 0.0, 0
         for k in range(steps_per_epoch):
             idx = order[k * batch_size:(k + 1) * batch_size]
-            x = augment(x_all[idx], generator)
+            x = augment(x_all[idx], generator, blur)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -213,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--blur", action="store_true", help="blur augmentation (see augment)")
+    parser.add_argument("--init", help="start from these weights (a file this script wrote): fine-tuning")
     parser.add_argument("--cache", help="folder for .npz copies of the decoded image sets")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -224,16 +234,16 @@ def main(argv: list[str] | None = None) -> int:
     x_test, y_test, test_classes = load_folder(args.test, cache / "cifar10-test.npz" if cache else None)
     if classes != test_classes:
         sys.exit(f"class folders differ: {classes} vs {test_classes}")
-    model = CifarNet(num_classes=len(classes))
+    model = load_classifier(args.init).train() if args.init else CifarNet(num_classes=len(classes))
     log: list[dict] = []
     t0 = time.time()
     train(model, x_train, y_train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-          log=log)
+          log=log, blur=args.blur)
     train_seconds = time.time() - t0
     acc = accuracy(model, x_test, y_test)
     params = sum(p.numel() for p in model.parameters())
     report = {"test_accuracy": acc, "test_images": len(x_test), "train_images": len(x_train),
-              "epochs": args.epochs, "train_seconds": train_seconds, "parameters": params, "log": log}
+              "epochs": args.epochs, "blur": args.blur, "init": args.init, "lr": args.lr, "train_seconds": train_seconds, "parameters": params, "log": log}
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -6,7 +6,9 @@ Two figures that need no downloaded network (docs/cifar10-generator.md):
   accuracy on the real test images;
 * FID in the classifier's penultimate features (128-d): the Fréchet distance between the samples and the real
   test images (``wetok.fid.frechet_distance``). For scale it also reports the same distance between an equal
-  number of real training images and the test images (the floor a perfect generator would reach).
+  number of real training images and the test images (the floor a perfect generator would reach), and with
+  ``--tokenizer`` both figures for the tokenizer's reconstructions of the test images (the ceiling that the
+  tokenizer puts on any sample made of its tokens).
 
     python tools/cifar_gen_eval.py SAMPLES --classifier runs/cifar10-classifier.pt \
         --test ../shared/data/cifar10/test --train ../shared/data/cifar10/train --out report.json
@@ -56,6 +58,23 @@ def load_samples(path: str | Path, per_class: int | None) -> tuple[np.ndarray, n
     return images, labels
 
 
+def reconstruct(tokenizer_dir: str, images: np.ndarray, batch_size: int = 250) -> np.ndarray:
+    """The tokenizer's reconstructions (encode, quantize, decode; uint8, rounded) of uint8 (N, 32, 32, 3) images."""
+    import torch
+
+    from wetok import WeTok
+    from wetok.data import to_model_range
+    from wetok.image import to_uint8
+
+    model = WeTok.from_pretrained(tokenizer_dir).eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = to_model_range(torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2))
+            out.append(to_uint8(model.reconstruct(x)).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
 def feature_stats(features: np.ndarray) -> FeatureStats:
     stats = FeatureStats.zeros(features.shape[1])
     stats.update(features)
@@ -83,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", required=True, help="real test images, <class>/*.jpg")
     parser.add_argument("--train", help="real training images, for the real-vs-real FID floor")
     parser.add_argument("--cache", help="folder holding the classifier script's decoded .npz copies")
+    parser.add_argument("--tokenizer", help="also score this tokenizer's reconstructions of the test images")
     parser.add_argument("--out", help="JSON report path")
     args = parser.parse_args(argv)
 
@@ -112,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         _, f_train = classify(model, x_train[np.sort(pick)])
         report["fid_classifier_real_train_vs_test"] = {"value": fid(feature_stats(f_train.numpy()), test_stats),
                                                        "images": int(len(pick))}
+    if args.tokenizer:
+        rec = reconstruct(args.tokenizer, x_test)
+        _, f_rec = classify(model, rec)
+        report["tokenizer_reconstructions"] = {
+            "tokenizer": str(args.tokenizer), **class_fidelity(model, rec, y_test),
+            "fid_classifier": fid(feature_stats(f_rec.numpy()), test_stats)}
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
