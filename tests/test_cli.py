@@ -92,6 +92,10 @@ def work(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli")
     (root / "imgs").mkdir()
     _make_images(root / "imgs")
+    (root / "same").mkdir()  # three inputs whose outputs would all be called "a"
+    for name, size in {"a.png": (16, 8), "a.PNG": (24, 8), "a.jpg": (8, 24)}.items():
+        photo = Image.open(root / "imgs" / "photo.jpg").resize(size)
+        photo.save(root / "same" / name, format="JPEG" if name.endswith("jpg") else "PNG")
     (root / "empty").mkdir()
     (root / "empty" / "readme.txt").write_text("no images here")
     jpeg = (root / "imgs" / "photo.jpg").read_bytes()
@@ -139,6 +143,7 @@ def runs(work) -> dict[str, subprocess.CompletedProcess]:
         "encode_size": (["encode", "imgs/photo.jpg", "-o", "sized.json", "--size", "24", "--tile", "16", *TINY],
                         [], None),
         "reconstruct": (["reconstruct", "imgs/photo.jpg", "imgs/rgba.png", "-o", "rec", "--grid", *TINY], [], None),
+        "encode_same": (["encode", "same", "-o", "same_toks", *TINY], [], None),
         "info": (["info", "ImageNet_downsample16"], [], None),
         # every kind of bad image in one batch (with one good image first), and one bad image alone
         "bad_images": (["encode", "imgs/photo.jpg", *BAD_IMAGES, "-o", "bad_images", *TINY], [], None),
@@ -264,6 +269,28 @@ def test_inspect_draws_one_panel_per_group(runs, work):
             pixel = image[16 + r * 32 + 16, k * (w * 32 + 6) + c * 32 + 16]
             assert tuple(pixel) == tuple(colorize(np.array(int(record.indices[0, r, c, k]) / 15))), (k, r, c)
     assert "group 3" in runs["inspect"].stdout
+
+
+def test_inputs_with_the_same_name_get_distinct_outputs(runs, work):
+    _ok(runs["encode_same"])
+    # sorted input order a.PNG, a.jpg, a.png: each keeps its ending; a.png and a.PNG differ only in case
+    written = {p.name: json.loads(p.read_text()) for p in (work / "same_toks").iterdir()}
+    assert sorted(written) == ["a.PNG.json", "a.jpg.json", "a.png-2.json"]
+    for output, source in [("a.PNG.json", "a.PNG"), ("a.jpg.json", "a.jpg"), ("a.png-2.json", "a.png")]:
+        width, height = Image.open(work / "same" / source).size
+        assert (written[output]["original_height"], written[output]["original_width"]) == (height, width)
+
+
+def test_distinct_names_covers_every_output_of_an_item(tmp_path):
+    from wetok.cli.common import Item, distinct_names
+
+    items = [Item(Path("x.png"), "x"), Item(Path("x_grid.jpg"), "x_grid"), Item(Path("y.png"), "y")]
+    assert [i.name for i in distinct_names(items)] == ["x", "x_grid", "y"]
+    renamed = distinct_names(items, ("", "_grid"))  # x's grid would overwrite x_grid's reconstruction
+    assert [i.name for i in renamed] == ["x.png", "x_grid.jpg", "y"]
+    assert [i.path for i in renamed] == [i.path for i in items]
+    clash = [Item(Path("d1/a.png"), "a"), Item(Path("d2/a.png"), "a"), Item(Path("A.png"), "A")]
+    assert [i.name for i in distinct_names(clash)] == ["a.png", "a.png-2", "A.png-3"]
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -1,23 +1,23 @@
 """WeTok-AR: the official fixture, the official sizes, causality, RoPE, class dropout, loss, save / load, import."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
 
+from conftest import FIXTURES
 from wetok import CheckpointError, InputError, WeTok
-from wetok.checkpoints import load_official
 from wetok.generation import WeTokAR, WeTokARConfig, get_ar_config, list_ar_presets
 from wetok.generation.model import rope_table
 from wetok.generation.official import read_official_ar_config, to_official_state_dict
+from wetok.official import load_official
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"
 AR_CKPT, AR_YAML = FIXTURES / "tiny_ar_g4b8.ckpt", FIXTURES / "tiny_ar_g4b8.yaml"
 TOK_CKPT, TOK_YAML = FIXTURES / "tiny_ds16_g4.ckpt", FIXTURES / "tiny_ds16_g4.yaml"
-needs_fixture = pytest.mark.skipif(not AR_CKPT.is_file(), reason="official AR fixture not found beside the project")
+needs_fixture = pytest.mark.shared(AR_CKPT, AR_YAML, FIXTURES / "tiny_ar_g4b8.outputs.pt")
+needs_both = pytest.mark.shared(AR_CKPT, AR_YAML, TOK_CKPT, TOK_YAML)
 
 
 def tiny(**overrides) -> WeTokAR:
@@ -80,7 +80,7 @@ def test_official_key_names_round_trip():
     assert all(torch.equal(ours[k], official[k]) for k in official)
 
 
-@needs_fixture
+@needs_both
 def test_official_checkpoint_with_tokenizer_uses_raw_weights(tmp_path):
     """A released AR checkpoint also holds the frozen tokenizer (first_stage_model.*, raw non-EMA weights)."""
     ar_state = torch.load(AR_CKPT, weights_only=True)["state_dict"]
@@ -102,7 +102,7 @@ def test_official_checkpoint_with_tokenizer_uses_raw_weights(tmp_path):
         assert torch.equal(model.tokenizer.state_dict()[key], value), key
 
 
-@needs_fixture
+@needs_both
 def test_official_import_errors(tmp_path):
     with pytest.raises(CheckpointError):  # the fixture's weights with a config of another width
         WeTokAR.from_official(AR_CKPT, read_official_ar_config(AR_YAML).replace(dim=64, ffn_hidden=None))
@@ -218,3 +218,18 @@ def test_config_validation():
         WeTokARConfig(dim=30, n_head=4)
     with pytest.raises(ValueError, match="unknown"):
         WeTokARConfig.from_dict({"dim": 64, "n_head": 4, "bogus": 1})
+
+
+def test_registry_and_generator_resolver():
+    from wetok.generation.pretrained import load_generator
+    from wetok.registry import create_model, list_models
+
+    names = {e.name for e in list_models("generator")}
+    assert {"llama_B_GFQ", "llama_L_GFQ", "llama_XL_GFQ", "ar-tiny", "ar-small"} <= names
+    assert isinstance(create_model("ar-tiny", pretrained=False), WeTokAR)
+    a, b = load_generator("ar-tiny", random_init=True), load_generator("ar-tiny", random_init=True)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())  # seeded: same weights
+    with pytest.raises(InputError, match="random-init"):
+        load_generator("ar-tiny")  # a configuration only: random weights must be asked for
+    with pytest.raises(InputError, match="not a generator"):
+        load_generator("tiny-f8", random_init=True)

@@ -156,3 +156,18 @@ def test_compiled_sampler_matches_eager():
     model = tiny(spatial_layers=1, intra_layers=1, grid_height=2, grid_width=2)
     eager = model.generate([0, 1], cfg_scale=[1.5, 1.0, 2.0], top_k=1)
     assert torch.equal(model.generate([0, 1], cfg_scale=[1.5, 1.0, 2.0], top_k=1, compile=True), eager)
+
+
+def test_two_caches_per_call_whatever_the_map_size(monkeypatch):
+    """One spatial and one intra-position cache per generate call (not one per position)."""
+    made = []
+    original = KVCache.__init__
+
+    def counting(self, *args, **kwargs):
+        made.append(args[3])  # the cache length
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(KVCache, "__init__", counting)
+    model = tiny()
+    model.generate([0, 1], cfg_scale=2.0)
+    assert made == [model.config.num_positions, model.config.groups]

@@ -201,3 +201,71 @@ def test_another_family_registers_its_own_entries(scratch_registry):
         WeTok.from_pretrained("test-generator")
     with pytest.raises(ValueError, match="family"):
         register_model(ModelEntry("test-x", "vocoder", None))
+
+
+def test_one_resolver_classifies_every_model_form(tmp_path):
+    from wetok.cli.models import classify, load_model
+
+    torch.manual_seed(3)
+    saved = WeTok.from_preset("tiny-f8")
+    saved.save_pretrained(tmp_path / "native")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    forms = {
+        str(tmp_path / "native"): "folder",
+        str(tmp_path / "run"): "training",  # a wetok train run folder: its last checkpoint
+        "missing.pt": "training",
+        "WeTok.ckpt": "official",
+        "tiny-f8": "registry",
+        "official:ImageNet_downsample16": "registry",
+        "someone/some-model": "hub",
+    }
+    assert {spec: classify(spec).kind for spec in forms} == forms
+    loaded = load_model(str(tmp_path / "native"))
+    assert torch.equal(loaded.encoder.conv_in.weight, saved.encoder.conv_in.weight)
+    assert loaded.weights_id == saved.weights_id
+    with pytest.raises(InputError, match="holds no checkpoints/step-"):
+        load_model(str(tmp_path / "run"))
+    with pytest.raises(InputError, match="missing.pt: does not exist"):
+        load_model("missing.pt")
+    with pytest.raises(InputError, match="needs its YAML config"):
+        load_model("WeTok.ckpt")
+
+
+def test_downloads_show_the_hub_progress_bar_unless_quiet(tmp_path, monkeypatch):
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    from wetok._hub import hub_file
+
+    seen = []
+
+    def fake(repo_id, filename, **kwargs):
+        seen.append(are_progress_bars_disabled())
+        if kwargs.get("local_files_only"):
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
+    monkeypatch.setattr("wetok._hub.hub_reachable", lambda timeout=0: True)
+    before = are_progress_bars_disabled()
+    assert hub_file("someone/repo", "w.ckpt") == tmp_path / "w.ckpt"
+    assert hub_file("someone/repo", "w.ckpt", progress=False) == tmp_path / "w.ckpt"
+    assert seen == [before, before, True, True] and are_progress_bars_disabled() == before
+
+
+def test_info_lists_the_registry_with_what_each_entry_has(capsys):
+    import json
+
+    assert cli_main(["info", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {e.name for e in list_models()}
+    tiny = WeTok(get_config("tiny-f8"))
+    assert rows["tiny-f8"]["parameters"] == sum(p.numel() for p in tiny.parameters())
+    assert rows["tiny-f8"]["weights"] == "none" and rows["tiny-f8"]["groups_x_bits"] == "4x4"
+    official = rows["ImageNet_downsample16"]
+    assert official["weights"] == "hub" and official["parameters"] == 460_294_179  # spec section 1.2
+    assert official["weights_location"] == f"hub ({OFFICIAL_HUB_REPO}/{OFFICIAL_HUB_FILES['ImageNet_downsample16']})"
+    if "default" in rows:
+        assert rows["default"]["weights"] == "bundled"
+    assert cli_main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "tiny-f8" in text and "920,723" in text and "GrayShine/WeTok/ImageNet/downsample16/WeTok.ckpt" in text

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from conftest import REPO
 from train_helpers import TINY_RECIPE, make_images, max_abs_diff, write_recipe
 from wetok import WeTok
 from wetok.cli.main import main as cli_main
@@ -30,8 +30,6 @@ from wetok.train.module import (
     set_stage_mode,
 )
 from wetok.train.run import lr_factor
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------------------ recipes

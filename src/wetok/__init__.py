@@ -3,6 +3,7 @@
 from .config import WeTokConfig
 from .errors import CheckpointError, InputError, ModelMismatchError, WetokError
 from .model import WeTok, WeTokOutput
+from .pipeline import WeTokPipeline
 from .presets import get_config, list_presets
 from .quantizer import GroupQuantizer, QuantizerOutput
 from .registry import ModelEntry, Weights, create_model, list_models, register_model
@@ -21,6 +22,7 @@ __all__ = [
     "WeTok",
     "WeTokConfig",
     "WeTokOutput",
+    "WeTokPipeline",
     "Weights",
     "WetokError",
     "create_model",

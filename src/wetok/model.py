@@ -116,6 +116,7 @@ class WeTok(nn.Module):
         new.load_state_dict(state)
         new.train(self.training)
         new.name_or_path = self.name_or_path
+        new._weights_id = self.weights_id  # the same encoder and quantizer: it decodes this model's tokens
         return new
 
     # ------------------------------------------------------------------------------------------------ properties
@@ -235,7 +236,8 @@ class WeTok(nn.Module):
     ) -> Tensor:
         """Tokens, or indices (B, h, w, g), -> images (B, 3, H, W), not clamped.
 
-        With the generative decoder the noise is ``noise`` if given (shape (B, d, h, w)), else drawn from
+        :class:`Tokens` made by another model (another architecture, or other encoder weights) are refused with
+        :class:`wetok.ModelMismatchError`; bare indices are not checked. With the generative decoder the noise is ``noise`` if given (shape (B, d, h, w)), else drawn from
         ``generator`` (a fixed seed reproduces the output); it is multiplied by ``noise_scale``, so
         ``noise_scale=0`` decodes deterministically.
         """

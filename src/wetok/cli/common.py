@@ -1,10 +1,7 @@
-"""What the image commands share: model options, input expansion, image preparation, batch runs, atomic writes.
+"""What the image commands share: model options, input expansion and output naming, batch runs, image saving.
 
-Image pipeline (``encode`` / ``reconstruct``): decode any file to RGB (EXIF orientation applied, see
-:func:`wetok.data.load_rgb`), optionally resize the short side to ``--size`` (bicubic), then pad to a multiple of
-the model's f with :func:`wetok.image.pad_to_multiple` (``--pad-mode``, default ``replicate``: edge pixels
-repeated, split evenly between the two sides, the odd pixel going right / bottom). Decoding crops the padding away
-and resizes back to the original size if ``--size`` changed it.
+The image steps themselves (decode any file to RGB, optional ``--size`` resize, padding to a multiple of f with
+``--pad-mode``, tiling, cropping back) are the library's :mod:`wetok.pipeline`; the commands are its clients.
 """
 
 from __future__ import annotations
@@ -19,21 +16,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor
 
 from .._files import atomic_write
 from ..config import WeTokConfig
 from ..errors import InputError, WetokError
 from ..fast import DTYPES
-from ..image import PAD_MODES, pad_to_multiple, pil_to_tensor, tensor_to_pil, unpad
+from ..image import PAD_MODES
 from ..model import WeTok
+from ..pipeline import AUTO_TILE, AUTO_TILE_PIXELS
 from .models import FALLBACK_MODEL  # noqa: F401  (re-exported: used when there is no bundled model)
 
 TOKEN_SUFFIXES = (".json", ".wtok")
 IMAGE_OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-#: Images with more pixels than this are tiled when --tile is not given.
-AUTO_TILE_PIXELS = 1024 * 1024
-AUTO_TILE = 512
 
 
 # ------------------------------------------------------------------------------------------------------ options
@@ -163,12 +157,13 @@ class Item:
     name: str
 
 
-def expand_inputs(specs: Sequence[str], kind: str) -> tuple[list[Item], list[str]]:
+def expand_inputs(specs: Sequence[str], kind: str, tags: Sequence[str] = ("",)) -> tuple[list[Item], list[str]]:
     """Files, directories (searched recursively) and glob patterns -> (items, error messages).
 
     ``kind`` is "image" (directories are searched with :func:`wetok.data.find_images`) or "tokens" (``.json`` and
     ``.wtok`` files). Explicitly named files are taken whatever their suffix, so decoding decides whether they
-    are readable. Outputs of a directory's files keep their path relative to it.
+    are readable. Outputs of a directory's files keep their path relative to it; inputs whose output names would
+    collide get distinct ones (:func:`distinct_names`; ``tags`` are the endings each item's outputs add).
     """
     from ..data import find_images
 
@@ -207,7 +202,37 @@ def expand_inputs(specs: Sequence[str], kind: str) -> tuple[list[Item], list[str
                     add_dir(m) if m.is_dir() else add(m, m.stem)
         except WetokError as err:
             errors.append(str(err))
-    return items, errors
+    return distinct_names(items, tags), errors
+
+
+def distinct_names(items: Sequence[Item], tags: Sequence[str] = ("",)) -> list[Item]:
+    """Rename items whose outputs would share a file, so that no output overwrites another.
+
+    An item writes ``name + tag`` for each of ``tags`` (reconstruct: ``""`` and ``"_grid"``). Names are compared
+    case-insensitively (macOS and Windows file systems are). Items whose names clash keep their input's ending in
+    the name (``a.png``, ``a.jpg`` -> ``a.png.json``, ``a.jpg.json``); if that still clashes (``a.png`` and
+    ``a.PNG``), ``-2``, ``-3``, ... are added in input order. Other items keep their names.
+    """
+    def keys(name: str) -> set[str]:
+        return {(name + tag).casefold() for tag in tags}
+
+    counts: dict[str, int] = {}
+    for item in items:
+        for key in keys(item.name):
+            counts[key] = counts.get(key, 0) + 1
+    used: set[str] = set()
+    out: list[Item] = []
+    for item in items:
+        name = item.name
+        if any(counts[key] > 1 for key in keys(name)):
+            name = f"{name}{item.path.suffix}"
+        base, n = name, 1
+        while keys(name) & used:
+            n += 1
+            name = f"{base}-{n}"
+        used |= keys(name)
+        out.append(item if name == item.name else Item(item.path, name))
+    return out
 
 
 def check_output(out: str | Path, count: int, file_suffixes: Iterable[str]) -> None:
@@ -228,48 +253,6 @@ def output_path(out: str | Path, item: Item, count: int, suffix: str, file_suffi
 
 
 # ------------------------------------------------------------------------------------------------------ images
-@dataclass
-class Prepared:
-    """An image ready for the model: (1, 3, H, W) in [-1, 1], plus how to undo the resize and padding."""
-
-    pixels: Tensor
-    padding: tuple[int, int, int, int]
-    original_size: tuple[int, int]
-
-
-def prepare_image(image: Image.Image, f: int, size: int | None, pad_mode: str) -> Prepared:
-    """Resize the short side to ``size`` (if given), convert to [-1, 1] and pad to a multiple of ``f``."""
-    original = (image.height, image.width)
-    if size is not None:
-        if size < 1:
-            raise InputError("--size", f"must be a positive number of pixels, got {size}")
-        scale = size / min(original)
-        new = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        if new != image.size:
-            image = image.resize(new, Image.Resampling.BICUBIC)
-    pixels, padding = pad_to_multiple(pil_to_tensor(image)[None], f, pad_mode)
-    return Prepared(pixels.contiguous(), tuple(int(p) for p in padding), original)
-
-
-def finish_image(pixels: Tensor, padding: Sequence[int], original_size: Sequence[int]) -> Image.Image:
-    """Model output (1, 3, H, W) -> PIL RGB at the original size: crop the padding, undo the resize (bicubic)."""
-    image = tensor_to_pil(unpad(pixels, tuple(padding))[0].float())
-    if (image.height, image.width) != tuple(original_size):
-        image = image.resize((original_size[1], original_size[0]), Image.Resampling.BICUBIC)
-    return image
-
-
-def tile_tokens(tile: int | None, height: int, width: int, f: int) -> int | None:
-    """--tile (pixels) -> tile size in tokens for :mod:`wetok.tiling`, or None to run untiled."""
-    if tile is None:
-        tile = AUTO_TILE if height * width > AUTO_TILE_PIXELS else 0
-    if tile == 0:
-        return None
-    if tile < 2 * f:
-        raise InputError("--tile", f"must be at least {2 * f} pixels (two tokens) for this model, got {tile}")
-    return tile // f
-
-
 def save_image(image: Image.Image, path: Path) -> None:
     """Save through a temporary file in the same folder, renamed into place."""
     if path.suffix.lower() not in IMAGE_OUTPUT_SUFFIXES:
@@ -320,49 +303,6 @@ def colorize(values: np.ndarray) -> np.ndarray:
 
 
 _RAMP = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)], dtype=np.float64)
-
-
-# --------------------------------------------------------------------------------------------------- model steps
-def _tile_bar(show: bool, height: int, width: int, f: int, tokens: int, desc: str):
-    """A per-tile progress bar for images that take several tiles (the per-file bar says little then)."""
-    from tqdm.auto import tqdm
-
-    from ..tiling import tile_count
-
-    total = tile_count(height, width, f, tokens)
-    return tqdm(total=total, desc=desc, unit="tile", leave=False, disable=not show or total < 2)
-
-
-@torch.inference_mode()
-def encode_pixels(model: WeTok, pixels: Tensor, tile: int | None, show: bool = False) -> Tensor:
-    """(1, 3, H, W) padded pixels -> int64 indices (1, h, w, g) on the CPU, tiled per :func:`tile_tokens`."""
-    from ..tiling import encode_tiled
-
-    f = model.downsample_factor
-    tokens = tile_tokens(tile, pixels.shape[-2], pixels.shape[-1], f)
-    if tokens is None:
-        param = next(model.parameters())
-        return model.encode(pixels.to(device=param.device, dtype=param.dtype)).indices.cpu()
-    with _tile_bar(show, pixels.shape[-2], pixels.shape[-1], f, tokens, "encoding tiles") as bar:
-        return encode_tiled(model, pixels, tile=tokens, progress=bar.update)
-
-
-@torch.inference_mode()
-def decode_indices(model: WeTok, indices: Tensor, tile: int | None, seed: int | None, show: bool = False) -> Tensor:
-    """Indices (B, h, w, g) -> float32 pixels (B, 3, H, W) on the CPU, not clamped, tiled per :func:`tile_tokens`.
-
-    ``seed`` fixes the generative decoder's noise (drawn on the CPU, so it is the same on every device).
-    """
-    from ..tiling import decode_tiled
-
-    f = model.downsample_factor
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
-    height, width = indices.shape[1] * f, indices.shape[2] * f
-    tokens = tile_tokens(tile, height, width, f)
-    if tokens is None:
-        tokens = max(indices.shape[1], indices.shape[2], 2)  # one tile: exactly model.decode, same noise draw
-    with _tile_bar(show, height, width, f, tokens, "decoding tiles") as bar:
-        return decode_tiled(model, indices, tile=tokens, generator=generator, progress=bar.update)
 
 
 def show_progress(args: argparse.Namespace) -> bool:

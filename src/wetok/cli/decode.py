@@ -28,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..pipeline import decode
     from ..tokens import load_tokens
 
     items, errors = common.expand_inputs(args.inputs, "tokens")
@@ -42,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
         for i in range(batch):
             name = item if batch == 1 else common.Item(item.path, f"{item.name}_{i}")
             targets.append(common.output_path(out, name, len(items) * batch, ".png", common.IMAGE_OUTPUT_SUFFIXES))
-        pixels = common.decode_indices(model, record.indices, args.tile, args.seed, common.show_progress(args))
-        for i, target in enumerate(targets):
-            common.save_image(common.finish_image(pixels[i : i + 1], record.padding, record.original_size), target)
+        images = decode(model, record, tile=args.tile, seed=args.seed, progress=common.show_progress(args))
+        for image, target in zip(images, targets, strict=True):
+            common.save_image(image, target)
 
     return common.run_batch(args, items, errors, work, unit="file")

@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
     p.add_argument("-o", "--output", required=True,
-                   help="output file (one input, ending in .json or .wtok) or folder (<name>.<format> inside)")
+                   help="output file (one input, ending in .json or .wtok) or folder (<name>.<format> inside; inputs "
+                   "that would share a name keep their ending: a.png, a.jpg -> a.png.json, a.jpg.json)")
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="token file format (default: from the -o suffix, else json)")
     common.add_image_options(p)
@@ -29,34 +30,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import load_rgb
-    from ..tokens import Tokens, save_tokens
+    from dataclasses import replace
+
+    from ..pipeline import encode
+    from ..tokens import save_tokens
 
     items, errors = common.expand_inputs(args.inputs, "image")
     out = Path(args.output)
     fmt = args.format or (out.suffix.lower().lstrip(".") if out.suffix.lower() in common.TOKEN_SUFFIXES else "json")
     common.check_output(out, len(items), common.TOKEN_SUFFIXES)
     model, spec = common.load_model_from_args(args)
-    f = model.downsample_factor
     official = spec.endswith(".ckpt")
 
     def work(item: common.Item) -> None:
         target = common.output_path(out, item, len(items), f".{fmt}", common.TOKEN_SUFFIXES)
-        prepared = common.prepare_image(load_rgb(item.path), f, args.size, args.pad_mode)
-        indices = common.encode_pixels(model, prepared.pixels, args.tile, common.show_progress(args))
-        record = Tokens(
-            indices=indices,
-            bits_per_group=model.config.bits_per_group,
-            image_size=tuple(prepared.pixels.shape[-2:]),
-            original_size=prepared.original_size,
-            padding=prepared.padding,
-            model_id=model.model_id,
-            weights_id=model.weights_id,
-            model=spec,
-            config=args.config if official else None,
-            ckpt=spec if official else None,
-            requested_size=args.size or 0,
-        )
+        (record,) = encode(model, item.path, size=args.size, tile=args.tile, pad_mode=args.pad_mode,
+                           progress=common.show_progress(args))
+        record = replace(record, model=spec, config=args.config if official else None,
+                         ckpt=spec if official else None)
         save_tokens(target, record, fmt)
 
     return common.run_batch(args, items, errors, work)

@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "train",
     "export",
     "tokenize",
+    "sample",
 )
 
 

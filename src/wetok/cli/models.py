@@ -46,8 +46,8 @@ def default_spec() -> str | None:
 
 def classify(spec: str) -> Spec:
     path = Path(spec)
-    if spec.endswith(".pt") and path.is_file() or path.name == "last" and path.is_file():
-        return Spec("training", spec)
+    if spec.endswith(".pt") or path.name == "last" and path.is_file():
+        return Spec("training", spec)  # a missing .pt file is reported as such when it is read
     if spec.endswith(".ckpt"):
         return Spec("official", spec)
     if path.is_dir():

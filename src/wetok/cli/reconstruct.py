@@ -47,22 +47,20 @@ def run(args: argparse.Namespace) -> int:
     from skimage.metrics import peak_signal_noise_ratio
 
     from ..data import load_rgb
+    from ..pipeline import reconstruct
 
-    items, errors = common.expand_inputs(args.inputs, "image")
+    items, errors = common.expand_inputs(args.inputs, "image", ("", "_grid") if args.grid else ("",))
     out = Path(args.output)
     if out.is_file():
         errors.insert(0, f"{out}: is a file; reconstruct writes into a folder")
         items = []
     model, _ = common.load_model_from_args(args)
-    f = model.downsample_factor
     scores: list[float] = []
 
     def work(item: common.Item) -> None:
         original = load_rgb(item.path)
-        prepared = common.prepare_image(original, f, args.size, args.pad_mode)
-        indices = common.encode_pixels(model, prepared.pixels, args.tile, common.show_progress(args))
-        pixels = common.decode_indices(model, indices, args.tile, args.seed, common.show_progress(args))
-        reconstruction = common.finish_image(pixels, prepared.padding, prepared.original_size)
+        (reconstruction,) = reconstruct(model, original, size=args.size, tile=args.tile, pad_mode=args.pad_mode,
+                                        seed=args.seed, progress=common.show_progress(args))
         common.save_image(reconstruction, out / f"{item.name}.png")
         if args.grid:
             common.save_image(grid(original, reconstruction), out / f"{item.name}_grid.png")

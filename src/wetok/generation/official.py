@@ -20,7 +20,8 @@ import torch
 import yaml
 from torch import Tensor
 
-from .. import checkpoints as tok_checkpoints
+from .. import official as tok_official
+from ..checkpoints import _load_exact
 from ..config import WeTokConfig
 from ..errors import CheckpointError, InputError
 from ..model import WeTok
@@ -103,7 +104,7 @@ def read_official_ar_config(path: str | Path) -> WeTokARConfig:
 def read_official_tokenizer_config(path: str | Path) -> WeTokConfig | None:
     """The tokenizer configuration in a GenStage YAML (``first_stage_config``), or None if it has none.
 
-    Parsed by the tokenizer's own official-config reader (:func:`wetok.checkpoints.read_official_config`), which
+    Parsed by the tokenizer's own official-config reader (:func:`wetok.official.read_official_config`), which
     reads a file: the section is handed to it as a small temporary YAML."""
     path = Path(path)
     section = _model_args(_read_yaml(path), path).get("first_stage_config")
@@ -114,7 +115,7 @@ def read_official_tokenizer_config(path: str | Path) -> WeTokConfig | None:
         tmp_yaml = Path(tmp) / f"{path.stem}.yaml"
         tmp_yaml.write_text(yaml.safe_dump({"model": {"init_args": params}}))
         try:
-            return tok_checkpoints.read_official_config(tmp_yaml)
+            return tok_official.read_official_config(tmp_yaml)
         except InputError as err:
             raise InputError(path, f"first_stage_config: {err.reason}") from err
 
@@ -168,12 +169,12 @@ def load_official_ar(
     """
     ckpt = Path(ckpt)
     cfg, yaml_path = _resolve_config(config)
-    state = tok_checkpoints._read_official_state(ckpt)
+    state = tok_official._read_official_state(ckpt)
     native = {official_to_native_key(k): v for k, v in state.items() if k.startswith(TRANSFORMER_PREFIX)}
     if not native:
         raise CheckpointError(f"{ckpt}: no transformer.* keys: not an official WeTok-AR checkpoint")
     model = WeTokAR(cfg)
-    tok_checkpoints._load_exact(model, {k: v.float() for k, v in native.items()}, ckpt)  # type: ignore[arg-type]
+    _load_exact(model, {k: v.float() for k, v in native.items()}, ckpt)  # type: ignore[arg-type]
     model.eval()
     tok_state = {k.removeprefix(TOKENIZER_PREFIX): v for k, v in state.items() if k.startswith(TOKENIZER_PREFIX)}
     if tokenizer and tok_state:
@@ -188,7 +189,7 @@ def load_official_ar(
 def _load_tokenizer(ckpt: Path, state: dict[str, Tensor], config: str | Path | WeTokConfig | None,
                     yaml_path: Path | None, ar: WeTokARConfig) -> WeTok:
     if config is not None:
-        tok_cfg = tok_checkpoints._resolve_config(config)
+        tok_cfg = tok_official._resolve_config(config)
     elif yaml_path is not None and (found := read_official_tokenizer_config(yaml_path)) is not None:
         tok_cfg = found
     else:
@@ -198,7 +199,7 @@ def _load_tokenizer(ckpt: Path, state: dict[str, Tensor], config: str | Path | W
         raise CheckpointError(f"{ckpt}: tokenizer has {tok_cfg.groups} x {tok_cfg.bits_per_group}-bit groups, the "
                               f"generator {ar.groups} x {ar.bits_per_group}")
     tok = WeTok(tok_cfg)
-    weights = {k: tok_checkpoints._official_tensor(k, v.float()) for k, v in state.items()
+    weights = {k: tok_official._official_tensor(k, v.float()) for k, v in state.items()
                if k.startswith(("encoder.", "decoder."))}
-    tok_checkpoints._load_exact(tok, weights, f"{ckpt} (first_stage_model)")
+    _load_exact(tok, weights, f"{ckpt} (first_stage_model)")
     return tok.eval()

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .._files import atomic_write
-from ..checkpoints import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, _load_exact
+from .._hub import hub_snapshot
+from ..checkpoints import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, _load_exact, load_folder
 from ..errors import InputError
 from .config import WeTokARConfig
 
@@ -67,14 +68,16 @@ def load_pretrained_ar(
     revision: str | None = None,
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
+    progress: bool = True,
 ) -> WeTokAR:
     """Load a generator from a local folder or a Hub repo id; ``tokenizer/`` is loaded into ``.tokenizer``
-    when present and ``tokenizer`` is true (it keeps float32 and follows ``device``)."""
+    when present and ``tokenizer`` is true (it keeps float32 and follows ``device``). Downloads go through
+    ``huggingface_hub`` (cached; without a network they fail within seconds, in one :class:`InputError`)."""
     from .model import WeTokAR
 
     path = Path(name_or_path)
     if not path.is_dir():
-        path = _download(str(name_or_path), revision, cache_dir, local_files_only)
+        path = _download(str(name_or_path), revision, cache_dir, local_files_only, progress)
     config = read_ar_config(path / CONFIG_NAME)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
@@ -87,20 +90,62 @@ def load_pretrained_ar(
     _load_exact(model, state, weights)  # type: ignore[arg-type]
     model.eval()
     if tokenizer and (path / TOKENIZER_FOLDER / CONFIG_NAME).is_file():
-        from ..checkpoints import load_pretrained
-
-        model.tokenizer = load_pretrained(path / TOKENIZER_FOLDER, device=device)
+        model.tokenizer = load_folder(path / TOKENIZER_FOLDER)
+        model.tokenizer.name_or_path = f"{name_or_path}/{TOKENIZER_FOLDER}"
+        if device is not None:
+            model.tokenizer.to(device)
+    model.name_or_path = str(name_or_path)
     return model.to(device=device, dtype=dtype) if (device or dtype) else model
 
 
-def _download(repo_id: str, revision: str | None, cache_dir: str | Path | None, local_only: bool) -> Path:
+def _download(repo_id: str, revision: str | None, cache_dir: str | Path | None, local_only: bool,
+              progress: bool) -> Path:
     if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
-        raise InputError(repo_id, "not a directory, a preset name or a Hugging Face Hub repo id (owner/name)")
-    from huggingface_hub import snapshot_download
+        raise InputError(repo_id, "not a model folder, a registered generator name or a Hugging Face Hub repo id "
+                                  "(owner/name); `wetok info` lists the registered names")
+    return hub_snapshot(repo_id, [CONFIG_NAME, WEIGHTS_NAME, f"{TOKENIZER_FOLDER}/*"], revision=revision,
+                        cache_dir=cache_dir, local_files_only=local_only, progress=progress)
 
-    try:
-        local = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_only,
-                                  allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, f"{TOKENIZER_FOLDER}/*"])
-    except Exception as err:  # network, auth, offline-mode and missing-repo errors all end here
-        raise InputError(repo_id, f"cannot fetch from the Hugging Face Hub: {err}") from err
-    return Path(local)
+
+def load_generator(
+    spec: str | Path,
+    config: str | Path | None = None,
+    *,
+    random_init: bool = False,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> WeTokAR:
+    """Resolve what a user passes as a generator ``--model``.
+
+    A ``.ckpt`` file: an official AR checkpoint, with ``config`` (its GenStage YAML or a generator preset name).
+    A folder: the native format. A registered generator name: its trained weights, or with ``random_init`` a
+    randomly initialised model of its configuration (seed 0, without touching the global RNG). Anything else of
+    the form ``owner/name``: a Hub repo id.
+    """
+    from ..registry import find_model, no_weights_message
+    from .model import WeTokAR
+
+    spec = str(spec)
+    entry = None if spec.endswith(".ckpt") or Path(spec).is_dir() else find_model(spec)
+    if entry is not None and entry.family != "generator":
+        raise InputError(spec, f"is a {entry.family}, not a generator")
+    if random_init:
+        if entry is None:
+            raise InputError(spec, "--random-init takes a registered generator name (`wetok info` lists them)")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = WeTokAR(entry.config).eval()
+    elif spec.endswith(".ckpt"):
+        if config is None:
+            raise InputError(spec, "an official .ckpt needs its GenStage YAML config (--config) or a preset name")
+        from .official import load_official_ar
+
+        model = load_official_ar(spec, config)
+    elif entry is not None:
+        if entry.weights is None or entry.load is None:
+            raise InputError(spec, no_weights_message(entry))
+        model = entry.load(entry, progress=progress)
+    else:
+        model = load_pretrained_ar(spec, progress=progress)
+    model.name_or_path = spec
+    return model.to(device) if device is not None else model

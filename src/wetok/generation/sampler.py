@@ -10,6 +10,7 @@ Conditional and unconditional (null-class) rows run as one batch; the drawn sub-
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,8 +29,8 @@ class KVCache:
     def __init__(self, layers: int, batch: int, heads: int, length: int, head_dim: int, *,
                  dtype: torch.dtype, device: torch.device) -> None:
         shape = (layers, batch, heads, length, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys = torch.empty(shape, dtype=dtype, device=device)  # only written slots are ever read
+        self.values = torch.empty(shape, dtype=dtype, device=device)
         self.layers = [(self.keys[i], self.values[i]) for i in range(layers)]
 
     @classmethod
@@ -89,23 +90,53 @@ def sample_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, t
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
-def _per_sub_token(value: Any, groups: int, name: str) -> list[Any]:
-    if isinstance(value, Tensor):
-        value = value.tolist()
-    if isinstance(value, (list, tuple)):
-        if len(value) != groups:
-            raise ValueError(f"{name} has {len(value)} values; the model has {groups} sub-tokens per position")
-        return list(value)
-    return [value] * groups
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Guidance scale and filters, one entry per sub-token."""
+
+    cfg_scale: tuple[float, ...]
+    temperature: tuple[float, ...]
+    top_k: tuple[int, ...]
+    top_p: tuple[float, ...]
+
+    @classmethod
+    def build(cls, groups: int, cfg_scale: Any, temperature: Any, top_k: Any, top_p: Any) -> SamplingSettings:
+        """Each argument: one value for every sub-token, or a sequence of ``groups`` values."""
+        def per(value: Any, name: str, kind: type) -> tuple[Any, ...]:
+            if isinstance(value, Tensor):
+                value = value.tolist()
+            if isinstance(value, (list, tuple)):
+                if len(value) != groups:
+                    raise ValueError(f"{name} has {len(value)} values; the model has {groups} sub-tokens per "
+                                     "position")
+                return tuple(kind(v) for v in value)
+            return (kind(value),) * groups
+
+        return cls(per(cfg_scale, "cfg_scale", float), per(temperature, "temperature", float),
+                   per(top_k, "top_k", int), per(top_p, "top_p", float))
+
+    @property
+    def guided(self) -> bool:
+        """Whether the unconditional rows are needed (any scale differs from 1)."""
+        return any(s != 1.0 for s in self.cfg_scale)
+
+    def draw(self, logits: Tensor, sub_token: int, generator: torch.Generator | None) -> Tensor:
+        """Guide (when guided, ``logits`` holds the conditional rows, then the unconditional ones) and draw."""
+        if self.guided:
+            half = logits.shape[0] // 2
+            logits = guide(logits[:half], logits[half:], self.cfg_scale[sub_token])
+        return sample_logits(logits, temperature=self.temperature[sub_token], top_k=self.top_k[sub_token],
+                             top_p=self.top_p[sub_token], generator=generator)
 
 
 def _steps(model: WeTokAR, compile: bool) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    """The one-position step of the spatial transformer and the one-sub-token step of the intra-position
+    transformer (with its head), optionally compiled (once per model)."""
     def spatial_step(x: Tensor, start: int, caches: list) -> Tensor:
         return model.spatial(x, start, caches)
 
     def intra_step(x: Tensor, start: int, caches: list) -> Tensor:
-        out = model.intra(x, start, caches)
-        return model.head_logits(out, start).float()
+        return model.head_logits(model.intra(x, start, caches), start).float()
 
     if not compile:
         return spatial_step, intra_step
@@ -147,20 +178,15 @@ def generate(
     labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
     if labels.numel() and (labels.min() < 0 or labels.max() > cfg.num_classes):
         raise ValueError(f"labels must be in [0, {cfg.num_classes}] ({cfg.num_classes} = the null class)")
-    scales = [float(s) for s in _per_sub_token(cfg_scale, g, "cfg_scale")]
-    temps = [float(t) for t in _per_sub_token(temperature, g, "temperature")]
-    top_ks = [int(k) for k in _per_sub_token(top_k, g, "top_k")]
-    top_ps = [float(p) for p in _per_sub_token(top_p, g, "top_p")]
-    guided = any(s != 1.0 for s in scales)
-    bsz = labels.shape[0]
-    rows = torch.cat([labels, torch.full_like(labels, cfg.null_class)]) if guided else labels
+    settings = SamplingSettings.build(g, cfg_scale, temperature, top_k, top_p)
+    copies = 2 if settings.guided else 1  # conditional rows, then unconditional rows: one batch
+    rows = torch.cat([labels, torch.full_like(labels, cfg.null_class)]) if settings.guided else labels
     spatial_step, intra_step = _steps(model, compile)
-
     was_training = model.training
     model.eval()
     try:
         spatial_cache, intra_cache = KVCache.spatial(model, rows.numel()), KVCache.intra(model, rows.numel())
-        out = torch.empty(bsz, n, g, dtype=torch.long, device=device)
+        out = torch.empty(labels.numel(), n, g, dtype=torch.long, device=device)
         seen = torch.empty(rows.numel(), n, g, cfg.vocab_size, device=device) if return_logits else None
         x = model.class_emb(rows)  # prefill: the class slot
         positions = range(n)
@@ -169,24 +195,19 @@ def generate(
 
             positions = tqdm(positions, desc="positions", leave=False)
         for t in positions:
-            h = spatial_step(x, t, spatial_cache.layers)
-            sub_input = h
+            sub_input = spatial_step(x, t, spatial_cache.layers)  # h_t, slot 0 of the intra-position sequence
             for i in range(g):
                 logits = intra_step(sub_input, i, intra_cache.layers)[:, 0]
                 if seen is not None:
                     seen[:, t, i] = logits
-                if guided:
-                    logits = guide(logits[:bsz], logits[bsz:], scales[i])
-                token = sample_logits(logits, temperature=temps[i], top_k=top_ks[i], top_p=top_ps[i],
-                                      generator=generator)
-                out[:, t, i] = token
+                token = out[:, t, i] = settings.draw(logits, i, generator)
                 if i < g - 1:
-                    sub_input = model.token_emb[i](token.repeat(2) if guided else token)[:, None]
+                    sub_input = model.token_emb[i](token.repeat(copies))[:, None]
             if t < n - 1:
-                x = model.embed_position(out[:, t].repeat(2, 1) if guided else out[:, t])[:, None]
+                x = model.embed_position(out[:, t].repeat(copies, 1))[:, None]
     finally:
         model.train(was_training)
-    indices = out.view(bsz, cfg.grid_height, cfg.grid_width, g)
+    indices = out.view(labels.numel(), cfg.grid_height, cfg.grid_width, g)
     if seen is not None:
         return indices, seen.view(rows.numel(), cfg.grid_height, cfg.grid_width, g, cfg.vocab_size)
     return indices
