@@ -206,6 +206,7 @@ def test_cli_eval_runs_in_a_subprocess(tmp_path):
         str(PHOTOS),
         "--model",
         "tiny-f8",
+        "--random-init",
         "--metrics",
         "psnr,ssim,usage",
         "--limit",
@@ -223,19 +224,19 @@ def test_cli_eval_runs_in_a_subprocess(tmp_path):
 
 def test_cli_errors_are_one_line_and_leave_no_report(tmp_path, monkeypatch, capsys):
     out = tmp_path / "r.json"
-    assert main(["eval", str(tmp_path / "nope"), "--model", "tiny-f8", "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "nope: does not exist" in err[0]
+    assert main(["eval", str(tmp_path / "nope"), "--model", "tiny-f8", "--random-init", "--out", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("note: tiny-f8 is ")]
+    assert len(err) == 1 and "nope: does not exist" in err[0]  # one error line (after the random-weights note)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("WETOK_OFFLINE", "1")
     monkeypatch.delenv("WETOK_INCEPTION_WEIGHTS", raising=False)
-    code = main(
-        ["eval", str(PHOTOS), "--model", "tiny-f8", "--metrics", "fid", "--limit", "2", "--out", str(out), "-q"]
-    )
+    code = main(["eval", str(PHOTOS), "--model", "tiny-f8", "--random-init", "--metrics", "fid", "--limit", "2",
+                 "--out", str(out), "-q"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "pt_inception-2015-12-05-6726825d.pth" in err[0]
     assert "--inception-weights" in err[0]
-    assert main(["eval", str(PHOTOS), "--model", "tiny-f8", "--metrics", "psnr,bogus", "--out", str(out)]) == 2
+    assert main(["eval", str(PHOTOS), "--model", "tiny-f8", "--random-init", "--metrics", "psnr,bogus",
+                 "--out", str(out)]) == 2
     assert "unknown metric 'bogus'" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".r.json*"))
 

@@ -19,8 +19,8 @@ from wetok import WeTok
 from wetok.errors import InputError
 from wetok.generation import WeTokAR
 from wetok.train import load_config, train
+from wetok.train.checkpoints import load_training_checkpoint
 from wetok.train.generator import param_groups
-from wetok.train.module import load_training_checkpoint
 from wetok.train.run import lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,6 +114,9 @@ def test_generator_config_errors(tmp_path):
     make_token_shards(tmp_path / "tok", 8)
     cfg = load_config(recipe, [f"data.train={tmp_path / 'tok'}", "model.overrides.groups=3"])
     with pytest.raises(InputError, match=r"tok: model.overrides disagree with the token shards \(groups 3 vs 2\)"):
+        train(cfg, tmp_path / "run")
+    cfg = load_config(recipe, [f"data.train={tmp_path / 'tok'}", "samples.classes=[0,3]"])
+    with pytest.raises(InputError, match=r"samples.classes \[3\] are not classes of the token data set \(0..2\)"):
         train(cfg, tmp_path / "run")
     assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
 
@@ -225,6 +228,20 @@ def test_export_writes_the_ema_generator_and_its_tokenizer(tokenizer_run, tmp_pa
     assert max_abs_diff(model.tokenizer.state_dict(), tokenizer.state_dict()) == 0.0
     assert cli_main(["export", str(root / "run"), "-o", str(tmp_path / "raw"), "--raw"]) == 0
     assert max_abs_diff(WeTokAR.from_pretrained(tmp_path / "raw").state_dict(), ckpt["model"]) == 0.0
+
+
+def test_warm_start_from_a_generator_checkpoint(tokenizer_run, tmp_path):
+    root, cfg, last, _ = tokenizer_run
+    ema = {k.removeprefix("module."): v for k, v in load_training_checkpoint(last)["ema"].items()
+           if k.startswith("module.")}
+    warm = load_config(root / "ar.yaml", [f"data.train={root / 'tok'}", f"model.init={last}", "optim.lr=1e-12",
+                                          "trainer.max_steps=1", "trainer.checkpoint_every=1"])
+    ckpt = load_training_checkpoint(train(warm, tmp_path / "warm"))
+    assert max_abs_diff(ckpt["model"], ema) < 1e-9  # started from the EMA weights; a 1e-12 lr barely moves them
+    wider = load_config(root / "ar.yaml", [f"data.train={root / 'tok'}", f"model.init={last}",
+                                           "model.overrides.dim=48", "model.overrides.n_head=4"])
+    with pytest.raises(InputError, match=r"model.init has another architecture than the recipe \(dim, n_head\)"):
+        train(wider, tmp_path / "wider")
 
 
 def test_resume_refuses_other_tokens(tokenizer_run, tmp_path):

@@ -1,8 +1,10 @@
-"""Writing files so that readers never see half of one: one helper shared by models, token files and images."""
+"""Writing files and folders so that readers never see half of one: shared by models, token files, images,
+reports, statistics and exported model folders."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,4 +31,23 @@ def atomic_write(path: str | Path, write: Callable[[Path], object], *, suffix: s
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def atomic_folder(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` on a new temporary folder beside ``path``, give it the usual permissions (``mkdtemp``
+    makes 0700 folders) and rename it to ``path``, which must not exist or be an empty folder. On any failure
+    nothing is left behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tmp.chmod(0o777 & ~current_umask())
+        write(tmp)
+        if path.is_dir():
+            path.rmdir()  # only an empty folder may be replaced
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return path

@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "inspect",
     "convert",
     "eval",
+    "eval_gen",
     "train",
     "export",
     "tokenize",

@@ -3,14 +3,12 @@ to the native format (``wetok export``)."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._files import current_umask
+from .._files import atomic_folder
 from ..config import WeTokConfig
 from ..errors import InputError
 from ..model import WeTok
@@ -123,15 +121,4 @@ def export(checkpoint: str | Path, output: str | Path, *, ema: bool = True) -> P
     if output.is_dir() and any(output.iterdir()):
         model.save_pretrained(output)  # each file is written to a temporary name, then renamed
         return output
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700 folders; give the usual permissions
-        model.save_pretrained(tmp)
-        if output.is_dir():
-            output.rmdir()
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output
+    return atomic_folder(output, model.save_pretrained)

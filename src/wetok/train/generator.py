@@ -157,7 +157,7 @@ def generator_from_checkpoint(ckpt: dict[str, Any], *, ema: bool = True, source:
 
 def _load_init(path: str, config: Any) -> Any:
     from ..generation import WeTokAR
-    from .module import load_training_checkpoint
+    from .checkpoints import load_training_checkpoint
 
     p = Path(path)
     if p.is_dir():
@@ -198,6 +198,10 @@ class GeneratorTask(Task):
             config = model_config_for(cfg, self.data)
             model = _load_init(cfg.model.init, config) if cfg.model.init else WeTokAR(config)
         model.train()
+        bad = [c for c in cfg.samples.classes or () if c >= model.config.num_classes]
+        if bad:
+            raise InputError("config", f"samples.classes {bad} are not classes of the token data set "
+                                       f"(0..{model.config.num_classes - 1})")
         o = cfg.optim
         groups = param_groups(model, o.weight_decay, decay_all=o.weight_decay_all)
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))

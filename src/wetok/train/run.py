@@ -31,10 +31,9 @@ from torch import Tensor
 
 from .._files import atomic_write
 from ..errors import InputError, WetokError
-from .checkpoints import CHECKPOINT_DIR, LAST_POINTER, latest_checkpoint
+from .checkpoints import CHECKPOINT_DIR, LAST_POINTER, latest_checkpoint, load_training_checkpoint
 from .config import TrainConfig
 from .ema import EMA
-from .module import load_training_checkpoint
 from .task import Task
 
 __all__ = ["train", "latest_checkpoint", "lr_factor"]
