@@ -189,7 +189,7 @@ def test_another_family_registers_its_own_entries(scratch_registry):
     entry = register_model(ModelEntry("test-generator", "generator", 4, Weights("hub", "someone/gen"),
                                       aliases=("test-gen",), build=Generator,
                                       load=lambda e, **kw: loaded.append(e.name) or Generator(e.config)))
-    assert [e.name for e in list_models("generator")] == ["test-generator"]
+    assert "test-generator" in [e.name for e in list_models("generator")]
     assert "test-generator" not in [e.name for e in list_models("tokenizer")]
     assert registry.find_model("test-gen") is entry
     assert create_model("test-gen", pretrained=False).proj.in_features == 4 and loaded == []
