@@ -300,3 +300,23 @@ def test_two_processes_match_one_process(tmp_path):
     assert max_abs_diff(one["ema"], two["ema"]) < 1e-5
     a, b = _logged(tmp_path / "one", "train/loss"), _logged(tmp_path / "two", "train/loss")
     assert len(a) == len(b) == 3 and a == pytest.approx(b, abs=1e-5)
+
+
+def test_load_tokenizer_refuses_another_architecture_or_other_weights(tmp_path):
+    from wetok.train.generator import load_tokenizer
+
+    torch.manual_seed(0)
+    made = WeTok.from_preset("tiny-f8")
+    made.save_pretrained(tmp_path / "made")
+    torch.manual_seed(1)
+    WeTok.from_preset("tiny-f8").save_pretrained(tmp_path / "retrained")  # same architecture, other weights
+    torch.manual_seed(0)
+    WeTok.from_preset("tiny-f16").save_pretrained(tmp_path / "other")
+
+    ok = load_tokenizer(str(tmp_path / "made"), made.model_id, made.weights_id)
+    assert ok.weights_id == made.weights_id and not ok.training
+    assert load_tokenizer(str(tmp_path / "retrained"), made.model_id).model_id == made.model_id  # no weights id
+    with pytest.raises(InputError, match="other trained weights"):
+        load_tokenizer(str(tmp_path / "retrained"), made.model_id, made.weights_id)
+    with pytest.raises(InputError, match="did not make these tokens"):
+        load_tokenizer(str(tmp_path / "other"), made.model_id, made.weights_id)

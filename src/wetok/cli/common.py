@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import glob
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -308,3 +310,18 @@ _RAMP = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 
 def show_progress(args: argparse.Namespace) -> bool:
     """Progress bars go to stderr only when it is a terminal and --quiet is not given."""
     return not args.quiet and sys.stderr.isatty()
+
+
+def init_distributed(args: argparse.Namespace, *, timeout: timedelta | None = None) -> bool:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL with GPU LOCAL_RANK where there are GPUs,
+    else gloo). True when this call created the group, which the caller then destroys; the caller's rank test is
+    ``torch.distributed.is_initialized()``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return False
+    if torch.cuda.is_available() and args.device in (None, "cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo", **kwargs)
+    return True

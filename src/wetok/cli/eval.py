@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -147,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     names = parse_metrics(args.metrics)
     if (args.save_stats or args.ref_stats) and "fid" not in names:
         raise InputError("--save-stats/--ref-stats", "need the fid metric in --metrics")
-    distributed = _init_distributed(args)
+    distributed = common.init_distributed(args)
     model, spec = common.load_model_from_args(args)
     report = evaluate(
         model,
@@ -167,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet and sys.stderr.isatty(),
     )
     report["model"]["spec"] = spec
-    if not distributed or torch.distributed.get_rank() == 0:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         write_json_atomic(report, out)
         if not args.quiet:
             print(markdown_table(report))
@@ -176,13 +175,3 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _init_distributed(args: argparse.Namespace) -> bool:
-    """Under torchrun (WORLD_SIZE > 1): join the process group; each rank takes GPU LOCAL_RANK if there are GPUs."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
-        return torch.distributed.is_initialized()
-    if torch.cuda.is_available() and args.device in (None, "cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        args.device = f"cuda:{local}"
-    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True

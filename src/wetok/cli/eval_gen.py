@@ -12,7 +12,7 @@ import torch.distributed
 
 from ..errors import InputError
 from . import common
-from .eval import _fmt, _init_distributed, write_json_atomic
+from .eval import _fmt, write_json_atomic
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.crop is not None and args.crop < 1:
         raise InputError("--crop", f"must be at least 1, got {args.crop}")
     names = parse_generation_metrics(args.metrics)
-    distributed = _init_distributed(args)
+    distributed = common.init_distributed(args)
     report = evaluate_generation(
         args.samples,
         args.ref,
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         inception_weights=args.inception_weights,
         progress=not args.quiet and sys.stderr.isatty(),
     )
-    if not distributed or torch.distributed.get_rank() == 0:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         if out is not None:
             write_json_atomic(report, out)
         if not args.quiet:

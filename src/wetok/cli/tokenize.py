@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from datetime import timedelta
 
@@ -53,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     if args.num_workers < 0:
         raise InputError("--num-workers", f"must be >= 0, got {args.num_workers}")
     spec = ViewSpec(size=args.size, flip=args.flip, ten_crop=args.ten_crop, crop_scale=args.crop_scale)
-    distributed = _init_distributed(args)
+    # a long timeout: rank 0 waits at the end for the slowest rank's shards, not for a hung peer
+    distributed = common.init_distributed(args, timeout=timedelta(hours=48))
     try:
         images = list_labelled_images(args.data, _read_names(args.class_names))
         model, name = common.load_model_from_args(args)
@@ -80,22 +80,6 @@ def run(args: argparse.Namespace) -> int:
                       f"({len(index.views)} views) in {len(index.shards)} shards -> {args.output}"
                       + (f"; {n_bad} unreadable images skipped (listed in index.json)" if n_bad else ""))
     return 0
-
-
-def _init_distributed(args: argparse.Namespace) -> bool:
-    """Under torchrun (WORLD_SIZE > 1): join the process group; each rank takes GPU LOCAL_RANK if there are GPUs.
-
-    The timeout is long because rank 0 waits at the end for the slowest rank's shards, not for a hung peer.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
-        return False
-    if torch.cuda.is_available() and args.device in (None, "cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        args.device = f"cuda:{local}"
-    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                         timeout=timedelta(hours=48))
-    return True
 
 
 def _read_names(path: str | None) -> list[str] | None:

@@ -101,9 +101,11 @@ def model_config_for(cfg: Any, data: Any) -> Any:
     return cfg.model_config().replace(**wanted)
 
 
-def load_tokenizer(spec: str, tokenizer_id: str | None = None, *, source: object = "model.tokenizer") -> Any:
+def load_tokenizer(spec: str, tokenizer_id: str | None = None, weights_id: str | None = None, *,
+                   source: object = "model.tokenizer") -> Any:
     """A WeTok from anything ``--model`` accepts (randomly initialised presets are seeded without touching the
-    global RNG), checked against the id of the tokenizer that made the tokens."""
+    global RNG), checked against the architecture id and (where recorded) the weights id of the tokenizer that
+    made the tokens."""
     from ..cli.models import load_model  # the one --model resolver (after the merge of main's registry)
     from ..presets import is_preset
 
@@ -113,6 +115,9 @@ def load_tokenizer(spec: str, tokenizer_id: str | None = None, *, source: object
     if tokenizer_id is not None and tokenizer.model_id != tokenizer_id:
         raise InputError(source, f"tokenizer {spec} ({tokenizer.model_id}) did not make these tokens "
                                  f"({tokenizer_id})")
+    if weights_id is not None and tokenizer.weights_id != weights_id:
+        raise InputError(source, f"tokenizer {spec} has other trained weights ({tokenizer.weights_id}) than the one "
+                                 f"that made these tokens ({weights_id})")
     return tokenizer.eval().requires_grad_(False)
 
 
@@ -149,7 +154,9 @@ def generator_from_checkpoint(ckpt: dict[str, Any], *, ema: bool = True, source:
     spec = ckpt.get("tokenizer")
     if spec:
         try:
-            model.tokenizer = load_tokenizer(spec, ckpt.get("data", {}).get("tokenizer_id"), source=source)
+            saved = ckpt.get("data", {})
+            model.tokenizer = load_tokenizer(spec, saved.get("tokenizer_id"), saved.get("tokenizer_weights_id"),
+                                             source=source)
         except WetokError as err:
             log.warning("exporting without the tokenizer: %s", err)
     return model
@@ -211,7 +218,8 @@ class GeneratorTask(Task):
         self._tokenizer: Any = None
         if self.run.rank == 0 and self.tokenizer_spec is not None:
             try:
-                self._tokenizer = load_tokenizer(self.tokenizer_spec, self.data.tokenizer_id)
+                self._tokenizer = load_tokenizer(self.tokenizer_spec, self.data.tokenizer_id,
+                                                 self.data.tokenizer_weights_id)
             except WetokError as err:
                 if cfg.model.tokenizer:
                     raise
@@ -228,7 +236,7 @@ class GeneratorTask(Task):
             "model": self.M.module.state_dict(),
             "opt": self.opt.state_dict(),
             "data": {"run": self.data.index.run, "tokenizer_id": self.data.tokenizer_id,
-                     "class_names": self.data.class_names},
+                     "tokenizer_weights_id": self.data.tokenizer_weights_id, "class_names": self.data.class_names},
             "tokenizer": self.tokenizer_spec,
         }
 
