@@ -28,7 +28,7 @@ from wetok.cli.main import build_parser
 from wetok.cli.main import main as cli_main
 from wetok.official import official_config, to_official_state_dict
 from wetok.presets import OFFICIAL_HUB_FILES, OFFICIAL_HUB_REPO, PRESETS
-from wetok.registry import DEFAULT_MODEL_DIR
+from wetok.registry import CIFAR10_TOKENIZER_DIR, DEFAULT_MODEL_DIR
 
 has_bundled = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").is_file(), reason="no bundled model")
 
@@ -47,14 +47,16 @@ def _args(*argv: str):
 # ------------------------------------------------------------------------------------------------ what is registered
 def test_every_preset_is_registered_with_what_it_has():
     entries = {e.name: e for e in list_models("tokenizer")}
-    expected = set(PRESETS) | ({"default"} if (DEFAULT_MODEL_DIR / "config.json").is_file() else set())
-    assert set(entries) == expected
+    bundled = {name: folder for name, folder in (("default", DEFAULT_MODEL_DIR),
+                                                 ("cifar10-tokenizer", CIFAR10_TOKENIZER_DIR))
+               if (folder / "config.json").is_file()}
+    assert set(entries) == set(PRESETS) | set(bundled)
     for name, entry in entries.items():
         if name in OFFICIAL_HUB_FILES:  # the official releases: the Hub file, converted on load
             assert entry.weights == Weights("hub", OFFICIAL_HUB_REPO, OFFICIAL_HUB_FILES[name], format="official")
             assert entry.config == get_config(name, codebook_form="pooled", token_reduction="mean")
-        elif name == "default":
-            assert entry.weights.source == "bundled" and Path(entry.weights.location) == DEFAULT_MODEL_DIR
+        elif name in bundled:
+            assert entry.weights.source == "bundled" and Path(entry.weights.location) == bundled[name]
         else:  # the small CPU configurations have no published weights
             assert entry.weights is None and entry.config == get_config(name)
     # aliases: the validation-set suffixes and the official: prefix of earlier releases

@@ -43,6 +43,8 @@ __all__ = [
 
 #: The model bundled in the package (``config.json`` + ``model.safetensors``), registered as ``default``.
 DEFAULT_MODEL_DIR = Path(__file__).parent / "weights" / "default"
+#: The tokenizer of the bundled CIFAR-10 generator (``wetok.generation``'s ``cifar10-ar``), stored in its folder.
+CIFAR10_TOKENIZER_DIR = Path(__file__).parent / "weights" / "cifar10-ar" / "tokenizer"
 FAMILIES = ("tokenizer", "generator")
 #: Packages whose import registers further entries (imported by the lookups when they exist).
 PLUGIN_MODULES = ("wetok.generation",)
@@ -175,8 +177,11 @@ def no_weights_message(entry: ModelEntry) -> str:
                 if isinstance(e.config, WeTokConfig) and e.config.identity() == entry.config.identity()]
         if same:
             hint = f", or the trained model of the same architecture: {', '.join(same)}"
+    if entry.family == "generator":
+        hint = "; official WeTok-AR checkpoints load from their .ckpt with --config (WeTokAR.from_official)"
+    cls = "WeTokAR" if entry.family == "generator" else "WeTok"
     return ("has no published weights (a configuration only); ask for a randomly initialised model explicitly "
-            f"(--random-init, WeTok.from_preset){hint}")
+            f"(--random-init, {cls}.from_preset){hint}")
 
 
 # ------------------------------------------------------------------------------------------- built-in tokenizers
@@ -217,6 +222,12 @@ def _register_tokenizers() -> None:
     if config is not None:
         register_model(ModelEntry("default", "tokenizer", config, Weights("bundled", str(DEFAULT_MODEL_DIR)),
                                   f"bundled in the package ({config.name or 'custom'} architecture, CPU-trained)",
+                                  build=_build_tokenizer, load=_load_tokenizer))
+    config = bundled_config(CIFAR10_TOKENIZER_DIR)
+    if config is not None:
+        register_model(ModelEntry("cifar10-tokenizer", "tokenizer", config, Weights("bundled", str(CIFAR10_TOKENIZER_DIR)),
+                                  "bundled in the package: the CIFAR-10 generator's tokenizer (32 x 32 images), "
+                                  "CPU-trained (docs/cifar10-generator.md)",
                                   build=_build_tokenizer, load=_load_tokenizer))
 
 

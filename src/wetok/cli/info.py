@@ -99,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
         return _list(args)
     if args.model_arg is not None:
         args.model = args.model_arg
+    entry = find_model(args.model)
+    if entry is not None and entry.family == "generator":
+        return _generator(args, entry)
     model, spec, weights = _model(args)
     info = {"model": spec, "weights": weights, **describe(model)}
     if args.json:
@@ -122,6 +125,32 @@ def run(args: argparse.Namespace) -> int:
         f"bits per token        {info['bits_per_token']} per position ({info['bits_per_pixel']:.4g} per pixel)",
         f"tokens per 256x256    {info['tokens_per_256px_image']} group indices",
         f"compression at 256    {info['compression_ratio_256px']:.4g}x (24-bit RGB bits / token bits)",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def _generator(args: argparse.Namespace, entry: ModelEntry) -> int:
+    """A registered generator, described from its configuration (nothing is loaded or downloaded)."""
+    row = next(r for r in registry_rows("generator") if r["name"] == entry.name)
+    cfg = entry.config.to_dict()
+    info = {"model": entry.name, "family": "generator", "weights": row["weights"],
+            "weights_location": row["weights_location"], "parameters": row["parameters"],
+            "description": entry.description, "config": cfg}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    c = entry.config
+    lines = [
+        f"model                 {entry.name} (generator)",
+        f"weights               {row['weights_location'] or row['weights']}",
+        f"about                 {entry.description}",
+        f"parameters            {row['parameters']:,}",
+        f"classes               {c.num_classes} (+ the null class {c.num_classes} for guidance)",
+        f"token grid            {c.grid_height} x {c.grid_width} positions x {c.groups} sub-tokens of "
+        f"{c.bits_per_group} bits",
+        f"transformer           dim {c.dim}, {c.n_head} heads, {c.spatial_layers} spatial + {c.intra_layers} "
+        f"intra-position layers, FFN {c.ffn_hidden}",
     ]
     print("\n".join(lines))
     return 0

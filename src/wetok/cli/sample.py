@@ -49,10 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--npz", default=None, metavar="PATH", help="also write all images as uint8 (N, H, W, 3) "
                    "under 'arr_0' in this .npz")
     g = p.add_argument_group("models")
-    g.add_argument("--model", required=True,
-                   help="generator: native folder, Hugging Face Hub id, wetok train generator checkpoint (.pt or "
-                   "run folder), official AR .ckpt (with --config), or a registered generator name (`wetok info`) "
-                   "with --random-init")
+    g.add_argument("--model", default=None,
+                   help="generator: a registered generator name (`wetok info`; its trained weights, or with "
+                   "--random-init its configuration), native folder, Hugging Face Hub id, wetok train generator "
+                   "checkpoint (.pt or run folder), or official AR .ckpt (with --config); default: the bundled "
+                   "CIFAR-10 generator (cifar10-ar)")
     g.add_argument("--config", default=None, help="the GenStage YAML (or a generator preset) of a .ckpt --model")
     g.add_argument("--random-init", action="store_true",
                    help="--model is a registered generator name: build it with random weights (seed 0)")
@@ -109,6 +110,12 @@ def load_models(args: argparse.Namespace, device: torch.device) -> tuple[WeTokAR
     from ..generation.pretrained import load_generator
     from .models import load_model, random_init_note
 
+    if args.model is None:
+        from ..generation import BUNDLED_GENERATOR, BUNDLED_GENERATOR_DIR
+
+        if not (BUNDLED_GENERATOR_DIR / "config.json").is_file():
+            raise InputError("--model", "this installation has no bundled generator; name one")
+        args.model = BUNDLED_GENERATOR
     ar = load_generator(args.model, args.config, random_init=args.random_init, progress=not args.quiet)
     if args.random_init:
         common.note(args, random_init_note(args.model))

@@ -294,7 +294,8 @@ class WeTokAR(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> WeTokAR:
-        """Load ``config.json`` + ``model.safetensors`` (and ``tokenizer/`` if present) from a folder or a Hub id."""
+        """The trained generator of a registered name (``cifar10-ar``; see ``wetok info``), a folder or a Hub id:
+        ``config.json`` + ``model.safetensors``, and ``tokenizer/`` into ``.tokenizer`` when present."""
         from .pretrained import load_pretrained_ar
 
         return load_pretrained_ar(name_or_path, **kwargs)

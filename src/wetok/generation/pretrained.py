@@ -77,7 +77,7 @@ def load_pretrained_ar(
 
     path = Path(name_or_path)
     if not path.is_dir():
-        path = _download(str(name_or_path), revision, cache_dir, local_files_only, progress)
+        path = _registered_or_download(str(name_or_path), revision, cache_dir, local_files_only, progress)
     config = read_ar_config(path / CONFIG_NAME)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
@@ -96,6 +96,24 @@ def load_pretrained_ar(
             model.tokenizer.to(device)
     model.name_or_path = str(name_or_path)
     return model.to(device=device, dtype=dtype) if (device or dtype) else model
+
+
+def _registered_or_download(name: str, revision: str | None, cache_dir: str | Path | None, local_only: bool,
+                            progress: bool) -> Path:
+    """The folder of a registered generator's weights (bundled, or a native Hub repo, downloaded), else of a Hub
+    repo id."""
+    from ..registry import find_model, no_weights_message
+
+    entry = find_model(name)
+    if entry is None:
+        return _download(name, revision, cache_dir, local_only, progress)
+    if entry.family != "generator":
+        raise InputError(name, f"is a {entry.family}, not a generator")
+    if entry.weights is None:
+        raise InputError(name, no_weights_message(entry))
+    if entry.weights.source == "bundled":
+        return Path(entry.weights.location)
+    return _download(entry.weights.location, revision or entry.weights.revision, cache_dir, local_only, progress)
 
 
 def _download(repo_id: str, revision: str | None, cache_dir: str | Path | None, local_only: bool,
