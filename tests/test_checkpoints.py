@@ -178,3 +178,17 @@ def test_load_model_reads_a_training_checkpoint(tmp_path):
     assert torch.equal(loaded.encoder.conv_in.weight, model.encoder.conv_in.weight + 1)
     raw = load_model(str(tmp_path / "step-1.pt"), ema=False)
     assert torch.equal(raw.encoder.conv_in.weight, model.encoder.conv_in.weight)
+
+
+@pytest.mark.parametrize("text", ["null", "[1, 2]", '{"wetok_format_version": "x"}', "[" * 100000 + "]" * 100000,
+                                  "\xff\xfe"])
+def test_config_json_that_is_not_a_config_is_one_input_error(tmp_path, text):
+    from wetok.checkpoints import read_config
+    from wetok.errors import InputError
+    from wetok.generation.pretrained import read_ar_config
+
+    path = tmp_path / "config.json"
+    path.write_bytes(text.encode("latin-1"))
+    for reader in (read_config, read_ar_config):
+        with pytest.raises(InputError, match="config.json"):
+            reader(path)

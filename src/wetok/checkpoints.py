@@ -50,16 +50,26 @@ def save_pretrained(model: WeTok, directory: str | Path) -> Path:
     return directory
 
 
-def read_config(path: str | Path) -> WeTokConfig:
-    """Read a native ``config.json``."""
+def read_config_json(path: str | Path) -> dict:
+    """The fields of a native ``config.json`` (a tokenizer's or a generator's): a JSON object of a format this
+    wetok reads, its ``wetok_format_version`` removed."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
         raise InputError(path, f"cannot read config: {err}") from err
+    if not isinstance(data, dict):
+        raise InputError(path, "not a JSON object")
     version = data.pop("wetok_format_version", FORMAT_VERSION)
-    if version > FORMAT_VERSION:
-        raise InputError(path, f"written by a newer wetok (format {version}); upgrade wetok")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise InputError(path, f"written by a newer wetok or another program (format {version!r}); upgrade wetok")
+    return data
+
+
+def read_config(path: str | Path) -> WeTokConfig:
+    """Read a native ``config.json``."""
+    path = Path(path)
+    data = read_config_json(path)
     try:
         return WeTokConfig.from_dict(data)
     except (TypeError, ValueError) as err:

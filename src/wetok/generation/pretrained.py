@@ -12,7 +12,14 @@ from safetensors.torch import load_file, save_file
 
 from .._files import atomic_write
 from .._hub import hub_snapshot
-from ..checkpoints import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, _load_exact, load_folder
+from ..checkpoints import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    _load_exact,
+    load_folder,
+    read_config_json,
+)
 from ..errors import InputError
 from .config import WeTokARConfig
 
@@ -41,15 +48,7 @@ def save_pretrained_ar(model: WeTokAR, directory: str | Path, *, tokenizer: bool
 def read_ar_config(path: str | Path) -> WeTokARConfig:
     """Read a generator's ``config.json``."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(path, f"cannot read config: {err}") from err
-    if not isinstance(data, dict):
-        raise InputError(path, "not a JSON object")
-    version = data.pop("wetok_format_version", FORMAT_VERSION)
-    if version > FORMAT_VERSION:
-        raise InputError(path, f"written by a newer wetok (format {version}); upgrade wetok")
+    data = read_config_json(path)
     model_type = data.pop("model_type", None)
     if model_type != MODEL_TYPE:
         raise InputError(path, "not a WeTok-AR generator config (a tokenizer's config.json?)")
