@@ -320,3 +320,22 @@ def test_load_tokenizer_refuses_another_architecture_or_other_weights(tmp_path):
         load_tokenizer(str(tmp_path / "retrained"), made.model_id, made.weights_id)
     with pytest.raises(InputError, match="did not make these tokens"):
         load_tokenizer(str(tmp_path / "other"), made.model_id, made.weights_id)
+
+
+def test_tokenizer_spec_from_the_shards(tmp_path):
+    """The shards' tokenizer is used for sample grids and export when it is a folder or a bundled registered name;
+    names without weights, or whose weights need a download, are not."""
+    from types import SimpleNamespace
+
+    from wetok.registry import find_model
+    from wetok.train.generator import tokenizer_spec
+
+    cfg = SimpleNamespace(model=SimpleNamespace(tokenizer=None))
+    bundled = [e.name for e in [find_model("cifar10-tokenizer"), find_model("default")] if e is not None]
+    for name in bundled:
+        assert tokenizer_spec(cfg, SimpleNamespace(tokenizer_name=name)) == name
+    for name in ("small-f8", "ImageNet_downsample16", None, "owner/repo"):
+        assert tokenizer_spec(cfg, SimpleNamespace(tokenizer_name=name)) is None
+    assert tokenizer_spec(cfg, SimpleNamespace(tokenizer_name=str(tmp_path))) == str(tmp_path.resolve())
+    given = SimpleNamespace(model=SimpleNamespace(tokenizer="small-f8"))
+    assert tokenizer_spec(given, SimpleNamespace(tokenizer_name="default")) == "small-f8"

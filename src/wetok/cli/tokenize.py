@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import timedelta
 
@@ -37,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=5000, help="images per shard, the unit of resuming "
                    "(default 5000)")
     p.add_argument("--batch-size", type=int, default=32, help="images per encoder batch (default 32)")
-    p.add_argument("--num-workers", type=int, default=4, help="DataLoader processes decoding images (default 4)")
+    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader processes decoding images (default: 4, or the CPU count if smaller)")
     p.add_argument("--strict", action="store_true", help="stop with an error at the first unreadable image")
     common.add_model_options(p)
     common.add_run_options(p, tile=False)

@@ -122,12 +122,21 @@ def load_tokenizer(spec: str, tokenizer_id: str | None = None, weights_id: str |
 
 
 def tokenizer_spec(cfg: Any, data: Any) -> str | None:
-    """``model.tokenizer``, else the tokenizer named in the shards when it is a local folder or file."""
+    """``model.tokenizer``, else the tokenizer named in the shards when it is a local folder or file, or a
+    registered tokenizer with bundled weights (a Hub download is not started for a sample grid nobody asked for)."""
+    from ..registry import find_model
+
     if cfg.model.tokenizer:
         spec = cfg.model.tokenizer
         return str(Path(spec).resolve()) if Path(spec).exists() else spec
     name = data.tokenizer_name
-    return str(Path(name).resolve()) if name and Path(name).exists() else None
+    if not name:
+        return None
+    if Path(name).exists():
+        return str(Path(name).resolve())
+    entry = find_model(name)
+    bundled = entry is not None and entry.family == "tokenizer" and entry.weights is not None
+    return name if bundled and entry.weights.source == "bundled" else None
 
 
 def ar_model_from_checkpoint(ckpt: dict[str, Any], *, ema: bool = True, source: object = "checkpoint") -> Any:
