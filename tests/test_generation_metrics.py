@@ -20,31 +20,16 @@ import scipy.linalg
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from test_evaluate import TinyFeatures
 from wetok.cli.eval_gen import markdown_table
 from wetok.cli.main import main
 from wetok.data import to_model_range
 from wetok.errors import InputError
 from wetok.fid import FID_WEIGHTS_FILE
 from wetok.generation_metrics import evaluate_generation, inception_score, precision_recall
-
-
-class TinyFeatures(nn.Module):
-    """Locally made stand-in for the Inception network: [-1, 1] images -> 8-d features."""
-
-    feature_dim = 8
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.weight = nn.Parameter(torch.randn(8, 3, 4, 4, generator=g) * 0.3)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.relu(F.conv2d(images.float(), self.weight, stride=4)).mean((2, 3))
-
 
 LOGIT_WEIGHT = torch.randn(12, 8, generator=torch.Generator().manual_seed(3)) * 2
 

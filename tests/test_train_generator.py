@@ -14,7 +14,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from train_helpers import TINY_AR_RECIPE, load_ckpt, make_token_shards, max_abs_diff, run_cli, write_recipe
+from train_helpers import (
+    TINY_AR_RECIPE,
+    assert_identical,
+    load_ckpt,
+    make_token_shards,
+    max_abs_diff,
+    run_cli,
+    write_recipe,
+)
 from wetok import WeTok
 from wetok.errors import InputError
 from wetok.generation import WeTokAR
@@ -32,21 +40,6 @@ NO_DROPOUT = ["model.overrides.token_dropout=0", "model.overrides.resid_dropout=
 def _logged(run_dir: Path, name: str) -> list[float]:
     with open(run_dir / "logs" / "csv" / "version_0" / "metrics.csv") as f:
         return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
-
-
-def _assert_identical(a, b, where="") -> None:
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_identical(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 # ------------------------------------------------------------------------------------------------- optimizer
@@ -273,7 +266,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
     a = load_ckpt(tmp_path / "straight" / "checkpoints" / f"step-{2 * K:08d}.pt")
     b = load_ckpt(tmp_path / "resumed" / "checkpoints" / f"step-{2 * K:08d}.pt")
     assert a["step"] == 2 * K and a["data_position"] == 2 * K * 4 and a["task"] == "generator"
-    _assert_identical(a, b, "checkpoint")  # model, EMA, AdamW state, RNG states, data identity, config
+    assert_identical(a, b, "checkpoint")  # model, EMA, AdamW state, RNG states, data identity, config
     mid = load_ckpt(tmp_path / "straight" / "checkpoints" / f"step-{K:08d}.pt")
     assert not torch.equal(mid["rng"]["cpu"], a["rng"]["cpu"])  # randomness was drawn between K and 2K
     assert max_abs_diff(mid["model"], a["model"]) > 1e-4

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train_helpers import load_ckpt, make_images, run_cli, write_recipe
+from train_helpers import assert_identical, load_ckpt, make_images, run_cli, write_recipe
 
 K = 3
 # GAN on from step 0, EMA, validation and image grids: the work around the steps must not move the RNG either
@@ -15,19 +15,6 @@ ARGS = ["data.train=train", "data.val=val", "data.num_workers=1", f"trainer.chec
         f"trainer.image_every={K}", "trainer.ema_warmup=true"]
 
 
-def _assert_identical(a, b, where="") -> None:
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_identical(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def test_sigkill_and_resume_is_bit_exact(tmp_path):
@@ -51,7 +38,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
     b = load_ckpt(tmp_path / "resumed" / "checkpoints" / f"step-{2 * K:08d}.pt")
     assert a["step"] == b["step"] == 2 * K and a["data_position"] == b["data_position"] == 2 * K * 4
     assert a["rng"]["cpu"].shape[0] == 1
-    _assert_identical(a, b, "checkpoint")  # every entry: weights, EMA, D, LeCam, optimizers, RNG states, config
+    assert_identical(a, b, "checkpoint")  # every entry: weights, EMA, D, LeCam, optimizers, RNG states, config
     # and the weights did change between K and 2K
     mid = load_ckpt(tmp_path / "straight" / "checkpoints" / f"step-{K:08d}.pt")
     assert not torch.equal(mid["generator"]["decoder.conv_out.weight"], a["generator"]["decoder.conv_out.weight"])
@@ -72,4 +59,4 @@ def test_stage2_resume_is_bit_exact_with_decoder_noise(tmp_path):
     run_cli(["train", "tiny.yaml", "-o", "resumed", "--resume", *args], cwd=tmp_path)
     a = load_ckpt(tmp_path / "straight" / "checkpoints" / f"step-{2 * K:08d}.pt")
     b = load_ckpt(tmp_path / "resumed" / "checkpoints" / f"step-{2 * K:08d}.pt")
-    _assert_identical(a, b, "checkpoint")
+    assert_identical(a, b, "checkpoint")

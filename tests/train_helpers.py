@@ -113,3 +113,19 @@ def make_token_shards(folder: Path, n: int, *, grid: tuple[int, int] = (2, 3), g
         index.shards.append({"file": shard_name(number), "count": count})
     write_index(folder, index)
     return folder
+
+
+def assert_identical(a, b, where="") -> None:
+    """Bit-for-bit equality of nested checkpoint contents (tensors with their dtypes, dicts, lists, values)."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where

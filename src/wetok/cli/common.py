@@ -325,3 +325,14 @@ def init_distributed(args: argparse.Namespace, *, timeout: timedelta | None = No
     kwargs = {} if timeout is None else {"timeout": timeout}
     torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo", **kwargs)
     return True
+
+
+def add_inception_option(p: argparse.ArgumentParser) -> None:
+    """``--inception-weights``: the FID / IS network's weights file, with the library's offline fallbacks."""
+    p.add_argument(
+        "--inception-weights",
+        default=None,
+        metavar="PATH",
+        help="local pt_inception-2015-12-05-6726825d.pth (default: $WETOK_INCEPTION_WEIGHTS or the "
+        "torch hub cache, downloaded if missing; WETOK_OFFLINE=1 forbids the download)",
+    )

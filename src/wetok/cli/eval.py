@@ -57,13 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="padding of the original protocol (constant = the official zero, mid-grey)",
     )
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    p.add_argument(
-        "--inception-weights",
-        default=None,
-        metavar="PATH",
-        help="local pt_inception-2015-12-05-6726825d.pth (default: $WETOK_INCEPTION_WEIGHTS or the "
-        "torch hub cache, downloaded if missing)",
-    )
+    common.add_inception_option(p)
     p.add_argument(
         "--save-stats", default=None, metavar="NPZ", help="write the originals' Inception mu/sigma/n"
     )

@@ -56,13 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Inception Score: samples per split, in order; the mean over splits is reported (default 5000, ADM)",
     )
     p.add_argument("--k", type=int, default=3, help="neighbourhood size of precision / recall (default 3)")
-    p.add_argument(
-        "--inception-weights",
-        default=None,
-        metavar="PATH",
-        help="local pt_inception-2015-12-05-6726825d.pth (default: $WETOK_INCEPTION_WEIGHTS or the "
-        "torch hub cache, downloaded if missing; WETOK_OFFLINE=1 forbids the download)",
-    )
+    common.add_inception_option(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     common.add_run_options(p, tile=False)
     p.set_defaults(func=run)
