@@ -26,7 +26,7 @@ from torch import Tensor
 from .autoencoder import draw_noise
 from .model import WeTok
 
-__all__ = ["decode_tiled", "encode_tiled", "reconstruct_tiled", "tile_count", "tile_spans"]
+__all__ = ["NoiseStream", "decode_tiled", "encode_tiled", "reconstruct_tiled", "tile_count", "tile_spans"]
 
 
 def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
@@ -169,3 +169,35 @@ def tile_count(height: int, width: int, f: int, tile: int, overlap: int | None =
     """Number of tiles :func:`encode_tiled` / :func:`decode_tiled` visit for an H x W image (for progress bars)."""
     overlap = _check_tile(tile, overlap)
     return len(tile_spans(height // f, tile, overlap)) * len(tile_spans(width // f, tile, overlap))
+
+
+class NoiseStream:
+    """The generative decoder's noise for a batch of token maps, (B, d, h, w), handed out a few images at a time.
+
+    The pieces are exactly those of one ``draw_noise((B, d, h, w), generator)``, so decoding a batch in slices
+    gives the images of decoding it whole, while holding the noise of a slice only. This relies on how torch draws
+    float32 normals on the CPU (blocks of 16 values; a draw whose length is not a multiple of 16 redraws its last
+    16): the stream draws pieces whose lengths are multiples of 16, except the last, which is at least 16 long.
+    ``tests/test_hostile_tokens.py`` checks the equality.
+    """
+
+    def __init__(self, shape: tuple[int, int, int, int], generator: torch.Generator | None = None) -> None:
+        self.shape = tuple(int(s) for s in shape)
+        self.per_image = math.prod(self.shape[1:])
+        self.left = self.shape[0] * self.per_image  # values not drawn yet
+        self.generator = generator
+        self.buffer = torch.empty(0)
+
+    def take(self, images: int) -> Tensor:
+        """Noise (images, d, h, w) of the next ``images`` images."""
+        need = images * self.per_image
+        if need > self.buffer.numel() + self.left:
+            raise ValueError(f"only {(self.buffer.numel() + self.left) // self.per_image} images of noise left")
+        if need > self.buffer.numel():
+            size = -(-(need - self.buffer.numel()) // 16) * 16
+            if size > self.left - 16:  # the last piece: everything left, so that it is at least 16 long
+                size = self.left
+            self.left -= size
+            self.buffer = torch.cat([self.buffer, draw_noise((size,), self.generator)])
+        out, self.buffer = self.buffer[:need], self.buffer[need:]
+        return out.view(images, *self.shape[1:])

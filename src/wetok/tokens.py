@@ -52,7 +52,6 @@ quantized latent in (batch, h, w, channel) order. Unused high bits of the last b
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import math
 import struct
@@ -66,7 +65,7 @@ import torch
 from torch import Tensor
 
 from ._files import atomic_write
-from .errors import InputError, ModelMismatchError
+from .errors import ModelMismatchError
 
 __all__ = [
     "MAGIC",
@@ -83,6 +82,9 @@ __all__ = [
 MAGIC = b"WTOK"
 VERSION = 1
 JSON_META_KEY = "wetok_meta"
+#: Pixels of one decoded image (model input size and original size alike) a token file may ask for by default:
+#: Pillow's ``Image.MAX_IMAGE_PIXELS`` (1024^3 / 4 / 3, about 89.5 megapixels), its decompression-bomb limit.
+DEFAULT_MAX_PIXELS = 89_478_485
 IDENTITY_SEPARATOR = ":"
 _HEADER = struct.Struct("<4sBBHHIIIIII4HB")  # everything up to and including the identity length
 _CRC = struct.Struct("<I")
@@ -163,10 +165,10 @@ class Tokens:
         return save_tokens(path, self, fmt)
 
     @classmethod
-    def load(cls, path: str | Path, model: Any = None) -> Tokens:
+    def load(cls, path: str | Path, model: Any = None, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Tokens:
         """Read a token file of either format (see :func:`load_tokens`; ``model`` is the decoding model or its
-        config, whose identity the tokens must match)."""
-        return load_tokens(path, model)
+        config, whose identity the tokens must match; ``max_pixels`` bounds each image it decodes to)."""
+        return load_tokens(path, model, max_pixels=max_pixels)
 
 
 # ----------------------------------------------------------------------------------------------------- bit packing
@@ -178,12 +180,19 @@ def pack_indices(indices: np.ndarray | Tensor, bits: int) -> bytes:
     return np.packbits(value_bits.reshape(-1), bitorder="little").tobytes()
 
 
-def unpack_indices(data: bytes, count: int, bits: int) -> np.ndarray:
-    """Inverse of :func:`pack_indices`: ``count`` int64 indices of ``bits`` bits from the packed bytes."""
-    stream = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")[: count * bits]
-    value_bits = np.zeros((count, 64), dtype=np.uint8)
-    value_bits[:, :bits] = stream.reshape(count, bits)
-    return np.packbits(value_bits, axis=1, bitorder="little").reshape(-1).view("<u8").astype(np.int64)
+def unpack_indices(data: bytes | memoryview, count: int, bits: int, offset_bits: int = 0) -> np.ndarray:
+    """Inverse of :func:`pack_indices`: ``count`` int64 indices of ``bits`` bits from the packed bytes, starting
+    ``offset_bits`` bits into them. Costs ``bits + 16`` bytes per index."""
+    first, skip = divmod(offset_bits, 8)
+    stop = math.ceil((offset_bits + count * bits) / 8)
+    if stop > len(data):
+        raise ValueError(f"{count} indices of {bits} bits at bit {offset_bits} need {stop} bytes, got {len(data)}")
+    chunk = np.frombuffer(data, dtype=np.uint8, count=stop - first, offset=first)
+    stream = np.unpackbits(chunk, bitorder="little")[skip : skip + count * bits].reshape(count, bits)
+    out = np.zeros(count, dtype=np.int64)
+    for j in range(bits):
+        out |= stream[:, j].astype(np.int64) << j
+    return out
 
 
 def wtok_size(batch: int, h: int, w: int, groups: int, bits_per_group: int, model_id: str, model: str = "",
@@ -282,37 +291,20 @@ def save_tokens(path: str | Path, tf: Tokens, fmt: str | None = None) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------- reading
-def load_tokens(path: str | Path, model: Any = None) -> Tokens:
+def load_tokens(path: str | Path, model: Any = None, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Tokens:
     """Read and validate a ``.json`` or ``.wtok`` token file (the format is sniffed from the content).
 
     ``model`` is the decoding :class:`wetok.WeTok` (or only its :class:`wetok.WeTokConfig`). With it the tokens'
     model identity must match (:class:`ModelMismatchError` otherwise, see :func:`check_model`), and files without
     our metadata (the fork's) take their geometry from it. Every other defect (truncation, bad magic, unknown
-    version, checksum or field inconsistencies) raises :class:`InputError` naming the file.
+    version, checksum or field inconsistencies, an original size that no resize explains, an image of more than
+    ``max_pixels`` pixels: default Pillow's bomb limit, None = no limit) raises :class:`InputError` naming the
+    file, before the indices are expanded (:mod:`wetok.token_format`; :func:`wetok.token_format.open_tokens`
+    reads a large batch a slice at a time).
     """
-    config = _config_of(model)
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except IsADirectoryError:
-        raise InputError(path, "is a directory, not a token file") from None
-    except OSError as e:
-        raise InputError(path, f"cannot read ({e.strerror})") from None
-    if not data:
-        raise InputError(path, "empty file (0 bytes)")
-    if data[:4] == MAGIC:
-        tf = _parse_wtok(path, data)
-    elif data.lstrip()[:1] == b"{":
-        tf = _parse_json(path, data, config)
-    elif MAGIC.startswith(data[:4]):
-        raise InputError(path, "truncated .wtok file (shorter than its header)")
-    else:
-        raise InputError(path, "not a token file (neither .wtok magic nor JSON)")
-    if model is not None:
-        check_model(path, tf, model)
-    return tf
+    from .token_format import open_tokens
+
+    return open_tokens(path, model, max_pixels=max_pixels).load()
 
 
 def _config_of(model: Any) -> ModelGeometry | None:
@@ -354,161 +346,3 @@ def check_model(path: str | Path, tf: Tokens, model: Any) -> None:
             f"{path}: a {h}x{w} token map does not give the recorded {tf.image_size[0]}x{tf.image_size[1]} "
             f"image with the model's downsampling factor {f}"
         )
-
-
-def _parse_wtok(path: Path, data: bytes) -> Tokens:
-    if len(data) < _HEADER.size:
-        raise InputError(path, f"truncated .wtok file ({len(data)} bytes, shorter than its header)")
-    (_, version, bits, g, b, h, w, height, width, h0, w0, pl, pr, pt, pb, n_id) = _HEADER.unpack_from(data)
-    if version != VERSION:
-        raise InputError(path, f"unsupported .wtok version {version} (this wetok reads version {VERSION})")
-    if not 1 <= bits <= 62 or min(g, b, h, w) == 0:
-        raise InputError(path, "corrupt .wtok header (zero sizes or bits per group out of range)")
-    n_name = data[_HEADER.size + n_id] if len(data) > _HEADER.size + n_id else 0
-    start = _HEADER.size + n_id + 1 + n_name  # of the payload
-    expected = start + math.ceil(b * h * w * g * bits / 8) + _CRC.size
-    crc_ok = len(data) >= _HEADER.size + _CRC.size and (
-        _CRC.unpack_from(data, len(data) - _CRC.size)[0] == zlib.crc32(data[: -_CRC.size])
-    )
-    if len(data) < expected and not crc_ok:
-        raise InputError(path, f"truncated .wtok file ({len(data)} bytes, header says {expected})")
-    if not crc_ok:
-        raise InputError(path, "corrupt or tampered .wtok file (checksum mismatch)")
-    if len(data) != expected:
-        raise InputError(path, f"corrupt .wtok header ({len(data)} bytes, header says {expected})")
-    try:
-        identity = data[_HEADER.size : _HEADER.size + n_id].decode("ascii")
-        model = data[_HEADER.size + n_id + 1 : start].decode("utf-8")
-    except UnicodeDecodeError:
-        raise InputError(path, "corrupt .wtok header (model identity or name is not text)") from None
-    model_id, _, weights_id = identity.partition(IDENTITY_SEPARATOR)
-    payload = data[start : -_CRC.size]
-    flat = unpack_indices(payload, b * h * w * g, bits)
-    tf = Tokens(
-        indices=torch.from_numpy(flat).reshape(b, h, w, g),
-        bits_per_group=bits,
-        image_size=(height, width),
-        original_size=(h0, w0),
-        padding=(pl, pr, pt, pb),
-        model_id=model_id,
-        weights_id=weights_id or None,
-        model=model or None,
-    )
-    _check_geometry(path, tf)
-    return tf
-
-
-def _json_int(path: Path, obj: dict[str, Any], key: str, default: int | None = None) -> int:
-    value = obj.get(key, default)
-    if value is None:
-        raise InputError(path, f"token JSON lacks the field {key!r}")
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InputError(path, f"token JSON field {key!r} must be a non-negative integer, got {value!r}")
-    return value
-
-
-_JSON_DTYPES = {"uint8": "<u1", "uint16": "<u2", "int16": "<i2", "int32": "<i4", "uint32": "<u4", "int64": "<i8"}
-
-
-def _parse_json(path: Path, data: bytes, config: ModelGeometry | None) -> Tokens:
-    try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(path, f"not a valid token JSON ({e})") from None
-    if not isinstance(obj, dict) or "wetok" not in obj:
-        raise InputError(path, "not a token JSON (no 'wetok' field)")
-    block = obj["wetok"]
-    if isinstance(block, list):
-        raise InputError(path, "factorized token lists are not supported (one index array expected)")
-    if not isinstance(block, dict) or not {"data", "dtype", "shape"} <= set(block):
-        raise InputError(path, "the 'wetok' field must hold 'data', 'dtype' and 'shape'")
-    dtype = _JSON_DTYPES.get(block["dtype"])
-    if dtype is None:
-        raise InputError(path, f"unsupported index dtype {block['dtype']!r}")
-    shape = block["shape"]
-    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
-                                              for s in shape):
-        raise InputError(path, f"'shape' must be a list of positive integers, got {shape!r}")
-    try:
-        raw = base64.b64decode(block["data"], validate=True)
-    except (binascii.Error, TypeError, ValueError):
-        raise InputError(path, "token data is not valid base64") from None
-    count = math.prod(shape)
-    itemsize = np.dtype(dtype).itemsize
-    if len(raw) != count * itemsize:
-        raise InputError(path, f"token data holds {len(raw)} bytes, shape {shape} of {block['dtype']} needs "
-                               f"{count * itemsize} (truncated?)")
-    flat = np.frombuffer(raw, dtype=dtype).astype(np.int64)
-    height, width = _json_int(path, obj, "height", 0), _json_int(path, obj, "width", 0)
-    original = (_json_int(path, obj, "original_height", height), _json_int(path, obj, "original_width", width))
-    meta = obj.get(JSON_META_KEY)
-    common = dict(config=obj.get("config"), ckpt=obj.get("ckpt"), requested_size=obj.get("image_size") or 0)
-    if meta is None:  # written by the fork: geometry comes from the decoding model
-        if config is None:
-            raise InputError(path, "token JSON without wetok_meta (the fork's) needs a model to be read")
-        g, f, bits = config.groups, config.downsample_factor, config.bits_per_group
-        if height and width:
-            b, h, w = count // max(1, (height // f) * (width // f) * g), height // f, width // f
-        else:  # the oldest fork files record no size: accept square maps only
-            side = math.isqrt(count // g)
-            b, h, w = 1, side, side
-            height, width = h * f, w * f
-        if flat.size and int(flat.max()) >= 2**bits:
-            raise ModelMismatchError(f"{path}: index {int(flat.max())} does not fit the model's {bits} bits per group")
-        if b * h * w * g != count or height % f or width % f:
-            raise ModelMismatchError(
-                f"{path}: {count} indices do not fit a {height}x{width} image with this model "
-                f"(f={f}, {g} groups)"
-            )
-        tf = Tokens(indices=torch.from_numpy(flat).reshape(b, h, w, g), bits_per_group=bits,
-                       image_size=(height, width), original_size=original if all(original) else (height, width),
-                       **common)
-    else:
-        if not isinstance(meta, dict):
-            raise InputError(path, f"'{JSON_META_KEY}' must be an object")
-        if meta.get("format_version") != VERSION:
-            raise InputError(path, f"unsupported token JSON version {meta.get('format_version')!r} "
-                                   f"(this wetok reads version {VERSION})")
-        b, h, w, g, bits = (_json_int(path, meta, k) for k in
-                            ("batch", "latent_height", "latent_width", "groups", "bits_per_group"))
-        padding = meta.get("padding")
-        if not (isinstance(padding, list) and len(padding) == 4 and all(isinstance(p, int) and p >= 0
-                                                                        for p in padding)):
-            raise InputError(path, f"'padding' must be four non-negative integers, got {padding!r}")
-        if b * h * w * g != count:
-            raise InputError(path, f"corrupt token JSON: {count} indices, but batch {b} x {h}x{w} x {g} groups")
-        if not 1 <= bits <= 62:
-            raise InputError(path, f"corrupt token JSON: bits_per_group {bits} out of range")
-        model_id = meta.get("model_id")
-        if not isinstance(model_id, str):
-            raise InputError(path, "token JSON lacks the model identity")
-        weights_id = meta.get("weights_id")
-        if weights_id is not None and not isinstance(weights_id, str):
-            raise InputError(path, f"'weights_id' must be a string, got {weights_id!r}")
-        extra = {k: v for k, v in meta.items() if k not in {
-            "format_version", "model_id", "weights_id", "model", "batch", "latent_height", "latent_width", "groups",
-            "bits_per_group", "padding"}}
-        tf = Tokens(indices=torch.from_numpy(flat).reshape(b, h, w, g), bits_per_group=bits,
-                       image_size=(height, width), original_size=original, padding=tuple(padding),
-                       model_id=model_id, weights_id=weights_id, model=meta.get("model"), extra=extra,
-                       **common)
-    _check_geometry(path, tf)
-    return tf
-
-
-def _check_geometry(path: Path, tf: Tokens) -> None:
-    """Field consistency that a tampered or corrupt file breaks."""
-    h, w = tf.grid_size
-    height, width = tf.image_size
-    if height == 0 or width == 0 or height % h or width % w or height // h != width // w:
-        raise InputError(path, f"corrupt token file: a {h}x{w} token map cannot give a {height}x{width} image")
-    f = height // h
-    if f & (f - 1):
-        raise InputError(path, f"corrupt token file: downsampling factor {f} is not a power of two")
-    left, right, top, bottom = tf.padding
-    if max(left + right, top + bottom) >= f:
-        raise InputError(path, f"corrupt token file: padding {tf.padding} is not less than f={f}")
-    if min(tf.original_size) == 0:
-        raise InputError(path, "corrupt token file: original size is zero")
-    if int(tf.indices.max()) >= 2**tf.bits_per_group or int(tf.indices.min()) < 0:
-        raise InputError(path, f"corrupt token file: an index is outside [0, 2^{tf.bits_per_group})")
