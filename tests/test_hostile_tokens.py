@@ -234,3 +234,11 @@ def test_default_limit_is_pillows():
     from PIL import Image
 
     assert DEFAULT_MAX_PIXELS == Image.MAX_IMAGE_PIXELS
+
+
+def test_names_read_from_a_token_file_are_escaped_in_messages(tmp_path):
+    forged = good_tokens(model="x\nwetok decode: all good\x1b[0m", model_id="0123456789abcdef")
+    path = save_tokens(tmp_path / "t.wtok", forged)
+    with pytest.raises(ModelMismatchError) as info:
+        Tokens.load(path, TINY)
+    assert "\n" not in str(info.value) and "\x1b" not in str(info.value) and "\\x1b" in str(info.value)

@@ -193,7 +193,9 @@ def _text_field(path: Path, obj: dict[str, Any], key: str) -> str | None:
 
 
 def _short(value: Any) -> str:
-    """A JSON value for a message: its repr, cut to 40 characters."""
+    """A JSON value for a message: its repr, cut to 40 characters (long lists and objects: their length)."""
+    if isinstance(value, list | dict) and len(value) > 8:
+        return f"a {type(value).__name__} of {len(value)} items"
     text = repr(value)
     return text if len(text) <= 40 else f"{text[:37]}..."
 
@@ -212,8 +214,8 @@ def _open_json(path: Path, data: bytes, config: Any) -> TokenFile:
     if dtype is None:
         raise InputError(path, f"unsupported index dtype {_short(block['dtype'])}")
     shape = block["shape"]
-    if not isinstance(shape, list) or not shape or not all(type(s) is int and s > 0 for s in shape):
-        raise InputError(path, f"'shape' must be a list of positive integers, got {_short(shape)}")
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 8 or not all(type(s) is int and s > 0 for s in shape):
+        raise InputError(path, f"'shape' must be a list of 1 to 8 positive integers, got {_short(shape)}")
     if not isinstance(block["data"], str):
         raise InputError(path, "token data is not valid base64 (not a string)")
     count = math.prod(shape)
@@ -230,7 +232,7 @@ def _open_json(path: Path, data: bytes, config: Any) -> TokenFile:
     values = np.frombuffer(raw, dtype=dtype)  # a view: converted to int64 a slice at a time
     height, width = _int_field(path, obj, "height", 0), _int_field(path, obj, "width", 0)
     original = (_int_field(path, obj, "original_height", height), _int_field(path, obj, "original_width", width))
-    requested = _int_field(path, obj, "image_size", 0)
+    requested = 0 if obj.get("image_size") is None else _int_field(path, obj, "image_size")
     common = dict(config=_text_field(path, obj, "config"), ckpt=_text_field(path, obj, "ckpt"),
                   requested_size=requested)
     meta = obj.get(JSON_META_KEY)

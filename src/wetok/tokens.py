@@ -47,6 +47,10 @@ Payload bit order: the indices in flat (batch, h, w, group) order, each written 
 first, into a bit stream that fills each byte from its least significant bit (``numpy.packbits(...,
 bitorder="little")``). Since bit j of an index is channel j of its group, the stream is also the sign bits of the
 quantized latent in (batch, h, w, channel) order. Unused high bits of the last byte are zero.
+
+Reading (:func:`load_tokens`, :mod:`wetok.token_format`) treats a file as untrusted: its header and fields are
+checked against each other and against the decoding model, and each image it decodes to is bounded
+(:data:`DEFAULT_MAX_PIXELS`), before any index is expanded.
 """
 
 from __future__ import annotations
@@ -321,17 +325,17 @@ def check_model(path: str | Path, tf: Tokens, model: Any) -> None:
     weights identities were recorded are checked on the architecture only.
     """
     config = _config_of(model)
-    made = f" ({tf.model})" if tf.model else ""
+    made = f" ({_printable(tf.model)})" if tf.model else ""
     if tf.model_id is not None and tf.model_id != config.identity():
         raise ModelMismatchError(
-            f"{path}: tokens were made by model {tf.model_id}{made}, but the decoding model is "
+            f"{path}: tokens were made by model {_printable(tf.model_id)}{made}, but the decoding model is "
             f"{config.identity()}; pass the matching --model"
         )
     weights_id = getattr(model, "weights_id", None)
     if tf.weights_id is not None and weights_id is not None and tf.weights_id != weights_id:
         raise ModelMismatchError(
             f"{path}: tokens were made by a model with other trained weights{made} (encoder weights "
-            f"{tf.weights_id}, the decoding model's are {weights_id}); its decoder would give a wrong image, "
+            f"{_printable(tf.weights_id)}, the decoding model's are {weights_id}); its decoder would give a wrong image, "
             "pass the --model that made them"
         )
     if tf.groups != config.groups or tf.bits_per_group != config.bits_per_group:
@@ -346,3 +350,8 @@ def check_model(path: str | Path, tf: Tokens, model: Any) -> None:
             f"{path}: a {h}x{w} token map does not give the recorded {tf.image_size[0]}x{tf.image_size[1]} "
             f"image with the model's downsampling factor {f}"
         )
+
+
+def _printable(text: str) -> str:
+    """``text`` read from a file, for a message: non-printable characters (newlines, escapes) escaped."""
+    return text if text.isprintable() else repr(text)[1:-1]
