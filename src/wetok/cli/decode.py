@@ -45,16 +45,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def decode_file(model: WeTok, tokens: TokenFile, *, tile: int | None = None, seed: int = 0,
                 chunk_pixels: int | None = None) -> Iterator[Image.Image]:
     """The images of a checked token file (:func:`wetok.token_format.open_tokens`), decoded a slice of its batch at
-    a time (images of ``chunk_pixels`` pixels in all, default :data:`wetok.pipeline.AUTO_TILE_PIXELS`; at least
-    one): the same images as :func:`wetok.pipeline.decode` of the whole file, in the memory of a slice."""
+    a time (images of ``chunk_pixels`` pixels in all, default one automatic tile, :data:`wetok.pipeline.AUTO_TILE`
+    squared; at least one image): the images of :func:`wetok.pipeline.decode` of the whole file (up to float
+    rounding that depends on the batch size), in the memory of a slice."""
     import torch
 
-    from ..pipeline import AUTO_TILE_PIXELS, finish_image, tile_tokens
+    from ..pipeline import AUTO_TILE, finish_image, tile_tokens
     from ..tiling import NoiseStream, decode_tiled
 
     f = model.downsample_factor
     height, width = tokens.header.image_size
-    per_chunk = max(1, (chunk_pixels or AUTO_TILE_PIXELS) // (height * width))
+    per_chunk = max(1, (chunk_pixels or AUTO_TILE * AUTO_TILE) // (height * width))
     tile_size = tile_tokens(tile, height, width, f) or max(height // f, width // f, 2)
     noise = None
     if model.config.generative_decoder:  # drawn as pipeline.decode draws it for the whole batch, a slice at a time
