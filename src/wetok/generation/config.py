@@ -6,6 +6,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from .._validate import check_float, check_int, check_optional_str, check_size
+
+#: Bounds of the fields that set sizes (the parameter count is bounded too: ``WETOK_MAX_PARAMETERS``).
+MAX_GRID_SIDE = 256
+#: Bound of the 2D RoPE table's float32 entries, (1 + h * w) * head_dim (512 MiB).
+MAX_ROPE_ENTRIES = 2**27
+MAX_WIDTH = 65536
+MAX_LAYERS = 256
+
 
 def default_ffn_hidden(dim: int, multiple_of: int = 256) -> int:
     """SwiGLU hidden width of the official blocks: 8 * dim / 3 (truncated) rounded up to a multiple of 256."""
@@ -49,23 +58,39 @@ class WeTokARConfig:
 
     def __post_init__(self) -> None:
         if self.ffn_hidden is None:
+            check_int("dim", self.dim, 1, MAX_WIDTH)
             object.__setattr__(self, "ffn_hidden", default_ffn_hidden(self.dim))
-        for key in ("num_classes", "grid_height", "grid_width", "groups", "bits_per_group", "dim", "n_head",
-                    "spatial_layers", "intra_layers", "ffn_hidden"):
-            if int(getattr(self, key)) < 1:
-                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        limits = {"num_classes": 10**7, "grid_height": MAX_GRID_SIDE, "grid_width": MAX_GRID_SIDE, "groups": 256,
+                  "bits_per_group": 20, "dim": MAX_WIDTH, "n_head": MAX_WIDTH, "spatial_layers": MAX_LAYERS,
+                  "intra_layers": MAX_LAYERS, "ffn_hidden": 4 * MAX_WIDTH}
+        for key, high in limits.items():  # bits_per_group above 20 gives an impractically large output head
+            check_int(key, getattr(self, key), 1, high)
         if self.dim % self.n_head:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_head ({self.n_head})")
         if self.head_dim % 4:
             raise ValueError(f"head_dim ({self.head_dim}) must be a multiple of 4 for the 2D RoPE")
-        if self.bits_per_group > 20:
-            raise ValueError("bits_per_group above 20 gives an impractically large output head")
         if self.groups > self.num_positions + 1:
             raise ValueError("groups must not exceed the number of positions + 1 (the intra-position RoPE "
                              "reuses the first entries of the spatial table)")
+        if (1 + self.num_positions) * self.head_dim > MAX_ROPE_ENTRIES:
+            raise ValueError(f"the RoPE table of {self.num_positions} positions x head_dim {self.head_dim} would "
+                             f"exceed {MAX_ROPE_ENTRIES} entries")
         for key in ("token_dropout", "resid_dropout", "ffn_dropout", "class_dropout"):
-            if not 0.0 <= float(getattr(self, key)) < 1.0:
-                raise ValueError(f"{key} must be in [0, 1)")
+            check_float(key, getattr(self, key), 0.0, 1.0, high_open=True)
+        check_float("rope_base", self.rope_base, 1.0, low_open=True)
+        check_float("norm_eps", self.norm_eps, 0.0, 1.0, low_open=True)
+        check_float("init_std", self.init_std, 0.0, 1.0)
+        check_optional_str("name", self.name)
+        check_size("this generator", self.num_parameters())
+
+    def num_parameters(self) -> int:
+        """The number of parameters of the model this config builds, in closed form (known before anything is
+        allocated): class and sub-token embeddings, the blocks (two RMSNorms, attention 4 dim^2, SwiGLU
+        3 dim ffn_hidden), the final norm and the g output heads."""
+        d, hidden = self.dim, self.ffn_hidden or default_ffn_hidden(self.dim)
+        block = 2 * d + 4 * d * d + 3 * d * hidden
+        return ((self.num_classes + 1) * d + 2 * self.groups * self.vocab_size * d
+                + (self.spatial_layers + self.intra_layers) * block + d)
 
     @property
     def head_dim(self) -> int:
@@ -91,6 +116,8 @@ class WeTokARConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WeTokARConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"a generator config must be a mapping of fields, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

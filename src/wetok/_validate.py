@@ -1,0 +1,100 @@
+"""Field checks shared by the model configurations (:class:`wetok.WeTokConfig`, ``WeTokARConfig``) and the
+training recipes: exact types (a bool is not an integer, a string is not a number), ranges, and the size bound
+that every configuration passes before a module is built.
+
+Hand-written rather than pydantic: the checks are a handful of ranges on frozen dataclasses that must stay plain
+dataclasses (their constructor arguments are the saved ``config.json``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["MAX_PARAMETERS_ENV", "check_bool", "check_choice", "check_float", "check_int", "check_size",
+           "max_parameters"]
+
+#: Environment variable that raises (or lowers) the parameter bound of every model configuration.
+MAX_PARAMETERS_ENV = "WETOK_MAX_PARAMETERS"
+#: Default bound: 2e9 parameters, 8 GB of float32 weights (the largest official tokenizer has 1.7e9).
+DEFAULT_MAX_PARAMETERS = 2_000_000_000
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an int (bools, floats and strings are refused), within [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {_show(value)}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be at most {high}, got {value}")
+    return int(value)
+
+
+def check_float(name: str, value: Any, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` (an int or float, not a bool) as a finite float within the range (bounds closed unless
+    ``*_open``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {_show(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {_show(value)}")
+    if low is not None and (number < low or (low_open and number == low)):
+        raise ValueError(f"{name} must be {'above' if low_open else 'at least'} {low}, got {number}")
+    if high is not None and (number > high or (high_open and number == high)):
+        raise ValueError(f"{name} must be {'below' if high_open else 'at most'} {high}, got {number}")
+    return number
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false, got {_show(value)}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {_show(value)}")
+    return value
+
+
+def check_optional_str(name: str, value: Any, max_length: int = 4096) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be a string or null, got {_show(value)}")
+    if value is not None and len(value) > max_length:
+        raise ValueError(f"{name} is longer than {max_length} characters")
+    return value
+
+
+def max_parameters() -> int:
+    """The parameter bound: ``$WETOK_MAX_PARAMETERS`` when set (an integer, ``2e9`` notation accepted), else
+    :data:`DEFAULT_MAX_PARAMETERS`."""
+    raw = os.environ.get(MAX_PARAMETERS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_PARAMETERS
+    try:
+        return int(float(raw))
+    except (ValueError, OverflowError):
+        raise ValueError(f"{MAX_PARAMETERS_ENV}={raw!r} is not a number") from None
+
+
+def check_size(what: str, parameters: int) -> None:
+    """Refuse a configuration of more than :func:`max_parameters` parameters, before anything is allocated."""
+    bound = max_parameters()
+    if parameters > bound:
+        raise ValueError(
+            f"{what} would have {parameters:.3g} parameters ({4 * parameters / 2**30:.1f} GiB in float32), above "
+            f"the limit of {bound:.3g}; set {MAX_PARAMETERS_ENV} to allow more"
+        )
