@@ -27,8 +27,15 @@ def expected_shapes(build: Callable[[Any], nn.Module], config: Any) -> dict[str,
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
+def _printable(key: object) -> str:
+    """A name read from a file, safe to print on one line: non-printable characters escaped, at most 100."""
+    text = str(key)
+    text = text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
 def _names(keys: list[str]) -> str:
-    return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+    return ", ".join(map(_printable, keys[:3])) + (", ..." if len(keys) > 3 else "")
 
 
 def check_state(expected: Mapping[str, Shape], given: Mapping[str, Any], source: object) -> None:
@@ -42,7 +49,7 @@ def check_state(expected: Mapping[str, Shape], given: Mapping[str, Any], source:
         elif isinstance(value, tuple):
             shapes[key] = value
         else:
-            raise CheckpointError(f"{source}: entry {str(key)[:100]!r} is a {type(value).__name__}, not a tensor")
+            raise CheckpointError(f"{source}: entry {_printable(key)!r} is a {type(value).__name__}, not a tensor")
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
@@ -54,7 +61,7 @@ def check_state(expected: Mapping[str, Shape], given: Mapping[str, Any], source:
         first = wrong[0]
         raise CheckpointError(
             f"{source}: {len(wrong)} tensor{'s have' if len(wrong) > 1 else ' has'} the wrong shape for the model, "
-            f"first: {first} expected {list(expected[first])} got {list(shapes[first])}"
+            f"first: {_printable(first)} expected {list(expected[first])} got {list(shapes[first])}"
         )
 
 

@@ -117,10 +117,15 @@ class _Run:
             TensorBoardLogger(root_dir=output / "logs", name="tensorboard"),
             CSVLogger(root_dir=output / "logs", name="csv", flush_logs_every_n_steps=1),
         ]
-        self.fabric = Fabric(
-            accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-            precision=precision, loggers=loggers,
-        )
+        try:
+            self.fabric = Fabric(
+                accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+                precision=precision, loggers=loggers,
+            )
+        except Exception as err:  # Lightning's MisconfigurationException, ValueError, RuntimeError, ...
+            lines = str(err).strip().splitlines()
+            raise InputError("config", "trainer.accelerator / devices / strategy / num_nodes / precision are not "
+                             f"usable here: {lines[0][:300] if lines else type(err).__name__}") from err
         self.fabric.launch()
         self.rank, self.world = self.fabric.global_rank, self.fabric.world_size
         d = cfg.data
