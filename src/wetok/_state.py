@@ -51,7 +51,7 @@ def check_state(expected: Mapping[str, Shape], given: Mapping[str, Any], source:
         else:
             raise CheckpointError(f"{source}: entry {_printable(key)!r} is a {type(value).__name__}, not a tensor")
     missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
+    unexpected = sorted(set(shapes) - set(expected), key=str)
     if missing or unexpected:
         parts = ([f"{len(missing)} missing ({_names(missing)})"] if missing else []) + (
             [f"{len(unexpected)} unexpected ({_names(unexpected)})"] if unexpected else [])
