@@ -5,7 +5,9 @@ of spec §4-5 except the model and data paths). ``trainer.task`` (or a top-level
 trained: ``tokenizer`` (WeTok, stages 1 and 2) or ``generator`` (WeTok-AR on token shards, spec §7.3); sections
 ``loss`` and ``discriminator`` are tokenizer-only, ``samples`` is generator-only. ``load_config("recipe.yaml", ["optim.lr=2e-4"])`` applies the
 overrides after the file; override values are parsed as YAML (``1e-4`` is a float, ``null`` is None,
-``[0.5,0.9]`` a list). Unknown keys are errors that name the file (or ``override``) and the key.
+``[0.5,0.9]`` a list). Unknown keys are errors that name the file (or ``override``) and the key; every value is
+checked against its field's declared type (a bool is not a number, ``abc`` is not an integer) and range before
+anything is built or created.
 """
 
 from __future__ import annotations

@@ -392,7 +392,9 @@ def train(cfg: TrainConfig, output: str | Path, *, resume: bool = False) -> Path
 
     ``output`` receives ``config.yaml``, the data listing fixed at the first start (``train_files.txt``,
     ``train_shards.txt`` or ``train_tokens.txt``), ``checkpoints/step-*.pt`` (full state) with a
-    ``checkpoints/last`` pointer, ``images/step-*.png`` grids and ``logs/{tensorboard,csv}``.
+    ``checkpoints/last`` pointer, ``images/step-*.png`` grids and ``logs/{tensorboard,csv}``. Data and init
+    paths are checked before anything is created; a run folder this call created is removed again when the run
+    fails (:class:`wetok.errors.WetokError`) before its first checkpoint.
     """
     output = Path(output)
     check_paths(cfg, output, resume)
