@@ -36,6 +36,10 @@ class WeTokConfig:
     ``z_channels`` = ``groups`` * ``bits_per_group``, ``generative_decoder`` (noise channels into the decoder).
     Quantizer training options (not part of the identity): entropy ``temperature``, ``codebook_form``
     (grouped / pooled / joint), ``token_reduction`` (sum / mean over groups), loss weights.
+
+    Every field is checked on construction (exact types: a bool or a float is not an integer; ranges; widths
+    divisible by ``norm_groups``), and the parameter count (:meth:`num_parameters`, closed form) must not exceed
+    ``$WETOK_MAX_PARAMETERS`` (default 2e9): a bad ``config.json`` fails before anything is allocated.
     """
 
     channels: int = 256

@@ -34,6 +34,8 @@ class WeTokARConfig:
     (None: the official rounding of 8 * dim / 3), 2D RoPE with base ``rope_base``.
     Training-only: dropout on the input embeddings (``token_dropout``), after attention (``resid_dropout``) and in
     the FFN (``ffn_dropout``); ``class_dropout`` is the probability of replacing a label by the null class.
+    Fields are checked on construction (exact types, ranges) and the parameter count (:meth:`num_parameters`)
+    must not exceed ``$WETOK_MAX_PARAMETERS`` (default 2e9).
     """
 
     num_classes: int = 1000
