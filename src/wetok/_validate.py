@@ -9,6 +9,7 @@ dataclasses (their constructor arguments are the saved ``config.json``).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -29,20 +30,21 @@ def _show(value: Any) -> str:
 
 def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
     """``value`` as an int (bools, floats and strings are refused), within [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy integers are Integral
         raise TypeError(f"{name} must be an integer, got {_show(value)}")
+    value = int(value)
     if low is not None and value < low:
         raise ValueError(f"{name} must be at least {low}, got {value}")
     if high is not None and value > high:
         raise ValueError(f"{name} must be at most {high}, got {value}")
-    return int(value)
+    return value
 
 
 def check_float(name: str, value: Any, low: float | None = None, high: float | None = None, *,
                 low_open: bool = False, high_open: bool = False) -> float:
     """``value`` (an int or float, not a bool) as a finite float within the range (bounds closed unless
     ``*_open``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {_show(value)}")
     try:
         number = float(value)

@@ -67,12 +67,10 @@ class WeTokConfig:
         if not 1 <= len(self.ch_mult) <= MAX_LEVELS:
             raise ValueError(f"ch_mult must have 1 to {MAX_LEVELS} levels, got {len(self.ch_mult)}")
         object.__setattr__(self, "ch_mult", tuple(check_int("ch_mult entry", m, 1, 64) for m in self.ch_mult))
-        check_int("channels", self.channels, 1, 65536)
-        check_int("num_res_blocks", self.num_res_blocks, 1, MAX_RES_BLOCKS)
-        check_int("groups", self.groups, 1, 4096)
-        check_int("bits_per_group", self.bits_per_group, 1, 62)  # indices are int64
-        check_int("z_channels", self.z_channels, 1)
-        check_int("norm_groups", self.norm_groups, 1)
+        ints = {"channels": (1, 65536), "num_res_blocks": (1, MAX_RES_BLOCKS), "groups": (1, 4096),
+                "bits_per_group": (1, 62), "z_channels": (1, None), "norm_groups": (1, None)}  # indices are int64
+        for key, (low, high) in ints.items():
+            object.__setattr__(self, key, check_int(key, getattr(self, key), low, high))
         check_bool("generative_decoder", self.generative_decoder)
         if self.z_channels != self.groups * self.bits_per_group:
             raise ValueError(
@@ -82,9 +80,9 @@ class WeTokConfig:
         for width in [self.channels] + [self.channels * m for m in self.ch_mult]:
             if width % self.norm_groups:
                 raise ValueError(f"level width {width} is not divisible by norm_groups={self.norm_groups}")
-        check_float("temperature", self.temperature, 0.0, low_open=True)
+        object.__setattr__(self, "temperature", check_float("temperature", self.temperature, 0.0, low_open=True))
         for key in ("token_weight", "codebook_weight", "entropy_weight", "commitment_weight"):
-            check_float(key, getattr(self, key), 0.0)
+            object.__setattr__(self, key, check_float(key, getattr(self, key), 0.0))
         check_choice("codebook_form", self.codebook_form, ("grouped", "pooled", "joint"))
         check_choice("token_reduction", self.token_reduction, ("sum", "mean"))
         if self.codebook_form == "joint" and self.z_channels > 24:

@@ -66,7 +66,7 @@ class WeTokARConfig:
                   "bits_per_group": 20, "dim": MAX_WIDTH, "n_head": MAX_WIDTH, "spatial_layers": MAX_LAYERS,
                   "intra_layers": MAX_LAYERS, "ffn_hidden": 4 * MAX_WIDTH}
         for key, high in limits.items():  # bits_per_group above 20 gives an impractically large output head
-            check_int(key, getattr(self, key), 1, high)
+            object.__setattr__(self, key, check_int(key, getattr(self, key), 1, high))
         if self.dim % self.n_head:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_head ({self.n_head})")
         if self.head_dim % 4:
@@ -77,11 +77,13 @@ class WeTokARConfig:
         if (1 + self.num_positions) * self.head_dim > MAX_ROPE_ENTRIES:
             raise ValueError(f"the RoPE table of {self.num_positions} positions x head_dim {self.head_dim} would "
                              f"exceed {MAX_ROPE_ENTRIES} entries")
-        for key in ("token_dropout", "resid_dropout", "ffn_dropout", "class_dropout"):
-            check_float(key, getattr(self, key), 0.0, 1.0, high_open=True)
-        check_float("rope_base", self.rope_base, 1.0, low_open=True)
-        check_float("norm_eps", self.norm_eps, 0.0, 1.0, low_open=True)
-        check_float("init_std", self.init_std, 0.0, 1.0)
+        floats = {"token_dropout": (0.0, 1.0, False, True), "resid_dropout": (0.0, 1.0, False, True),
+                  "ffn_dropout": (0.0, 1.0, False, True), "class_dropout": (0.0, 1.0, False, True),
+                  "rope_base": (1.0, None, True, False), "norm_eps": (0.0, 1.0, True, False),
+                  "init_std": (0.0, 1.0, False, False)}
+        for key, (low, high, low_open, high_open) in floats.items():
+            object.__setattr__(self, key, check_float(key, getattr(self, key), low, high, low_open=low_open,
+                                                      high_open=high_open))
         check_optional_str("name", self.name)
         check_size("this generator", self.num_parameters())
 
