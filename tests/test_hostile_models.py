@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hostile import assert_refused, run_wetok
+from hostile import Result, run_wetok
+from hostile import assert_refused as _assert_refused
 from train_helpers import TINY_RECIPE, make_images, write_recipe
 from wetok import CheckpointError, InputError, WeTok, WeTokConfig
 from wetok.generation.config import AR_PRESETS, WeTokARConfig
@@ -25,6 +26,12 @@ from wetok.presets import PRESETS, get_config
 #: Peak memory any refused model folder / checkpoint / recipe may cost (Python + torch + a tiny model).
 PEAK_MIB = 1500
 TINY = get_config("tiny-f8")
+
+
+def assert_refused(result: Result, **kwargs) -> str:
+    """tests/hostile.py's check, with the peak memory required to have been measured."""
+    assert result.peak_mib == result.peak_mib, "the child's peak memory was not measured"
+    return _assert_refused(result, **kwargs)
 
 
 def _meta_count(module_type, config) -> int:
@@ -259,6 +266,11 @@ def test_hostile_model_folders_and_checkpoints_on_the_command_line(tmp_path):
     huge = _folder(tmp_path / "huge", {**TINY.to_dict(), "channels": 2**14, "norm_groups": 32})
     assert_refused(run_wetok("encode", tmp_path / "a.png", "--model", huge, "-o", out, "-q", cwd=tmp_path),
                    contains=("config.json", "parameters", "WETOK_MAX_PARAMETERS"), output=out, peak_mib=PEAK_MIB)
+    # under the bound (1.7e9 parameters, 6 GiB) but with tiny-f8's weights: refused from the weights' header,
+    # before the model is built
+    big = _folder(tmp_path / "big", {**get_config("GeneralDomain_compratio768").to_dict()})
+    assert_refused(run_wetok("encode", tmp_path / "a.png", "--model", big, "-o", out, "-q", cwd=tmp_path),
+                   contains=("model.safetensors", "weights do not match the model", "missing"), output=out, peak_mib=PEAK_MIB)
     (tmp_path / "text.ckpt").write_text("not a checkpoint\n")
     line = assert_refused(run_wetok("encode", tmp_path / "a.png", "--model", tmp_path / "text.ckpt", "--config",
                                     "tiny-f8", "-o", out, "-q", cwd=tmp_path), contains="text.ckpt", output=out,
