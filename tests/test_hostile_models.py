@@ -284,3 +284,27 @@ def test_hostile_model_folders_and_checkpoints_on_the_command_line(tmp_path):
     ckpt = _training_checkpoint(tmp_path / "step-00000001.pt", ema)
     assert_refused(run_wetok("export", ckpt, "-o", out, cwd=tmp_path),
                    contains=("1 tensor has the wrong shape", "decoder.conv_in.weight"), output=out, peak_mib=PEAK_MIB)
+
+
+def test_train_checks_paths_of_both_tasks_before_creating_anything(tmp_path):
+    from wetok.train import load_config, train
+
+    recipe = write_recipe(tmp_path / "r.yaml")
+    (tmp_path / "file.txt").write_text("not a token-shard folder\n")
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "run"
+    generator = ["trainer.task=generator", "model.preset=ar-tiny", "data.micro_batch_size=2", "data.batch_size=2"]
+    for overrides, expected in (
+        (generator, "data.train is not set"),
+        ([*generator, f"data.train={tmp_path / 'file.txt'}"], "data.train: not a folder"),
+        ([*generator, f"data.train={tmp_path / 'empty'}", f"model.init={tmp_path / 'none.pt'}"],
+         "model.init: no such file"),
+        ([f"data.train={tmp_path / 'empty'}", f"data.val={tmp_path / 'nope'}"], "data.val: no such file"),
+        ([f"data.train={tmp_path}/shard-{{000..999999999}}.tar"], "more than 1000000 shards"),
+        ([f"data.train={tmp_path / 'empty'}"], "no image files"),
+        # found after the run folder was started (its train_files.txt written): the folder is removed again
+        ([f"data.train={make_images(tmp_path / 'images', 2)}", f"data.val={tmp_path / 'empty'}"], "no image files"),
+    ):
+        with pytest.raises(InputError, match=expected):
+            train(load_config(None if overrides[0] == generator[0] else recipe, overrides), out)
+        assert not out.exists(), overrides
