@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,7 @@ BAD_TOKENIZER_FIELDS = [
     {"num_res_blocks": 0}, {"ch_mult": "1122"}, {"ch_mult": []}, {"ch_mult": [1, 0]}, {"ch_mult": [1, 2.5]},
     {"ch_mult": [1] * 40}, {"ch_mult": None}, {"generative_decoder": 1}, {"temperature": "hot"},
     {"temperature": float("nan")}, {"temperature": 0}, {"entropy_weight": -1.0}, {"codebook_form": "nested"},
-    {"token_reduction": None}, {"name": 5}, {"groups": 0, "z_channels": 0}, {"bits_per_group": 63, "groups": 1,
+    {"token_reduction": None}, {"name": 5}, {"name": "x\n\x1b[31mforged line"}, {"groups": 0, "z_channels": 0}, {"bits_per_group": 63, "groups": 1,
     "z_channels": 63}, {"z_channels": 17}, {"codebook_form": "joint"}, {"channels": 65536},
 ]
 
@@ -157,12 +158,26 @@ def test_refused_checkpoints_give_one_line_and_no_weights_only_advice(tmp_path):
     torch.save({"state_dict": {"a": argparse.Namespace(x=1)}}, tmp_path / "object.ckpt")  # refused by weights_only
     torch.save({"state_dict": {}}, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
     torch.save([1, 2], tmp_path / "list.ckpt")
-    for name in ("text", "object", "legacy", "list"):
+    with zipfile.ZipFile(tmp_path / "deflated.ckpt", "w", zipfile.ZIP_DEFLATED) as bomb:  # inflates to 64 MiB
+        bomb.writestr("archive/data.pkl", b"\x00" * 2**26)
+    assert (tmp_path / "deflated.ckpt").stat().st_size < 2**20
+    for name in ("text", "object", "legacy", "list", "deflated"):
         for load in (lambda p: load_official(p, "tiny-f8"), load_training_checkpoint):
             with pytest.raises(InputError) as caught:
                 load(tmp_path / f"{name}.ckpt")
             message = str(caught.value)
             assert f"{name}.ckpt" in message and "\n" not in message and "weights_only" not in message, message
+
+
+def test_checkpoints_last_pointer_names_a_step_file_beside_it(tmp_path):
+    from wetok.train.checkpoints import resolve_checkpoint
+
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"x": 1}, tmp_path / "secret.pt")
+    for text in ("../secret.pt\n", "\xff" * 10, "step-1.pt" * 10000):
+        (tmp_path / "checkpoints" / "last").write_text(text, encoding="latin-1")
+        with pytest.raises(InputError, match="last"):
+            resolve_checkpoint(tmp_path / "checkpoints" / "last")
 
 
 def _training_checkpoint(path: Path, ema: dict, config: dict | None = None) -> Path:

@@ -94,6 +94,14 @@ def read_torch_file(path: str | Path, what: str, *, mmap: bool = True) -> Any:
         raise InputError(path, f"cannot read {what}: {err.strerror or err}") from err
     if not is_zip:
         raise InputError(path, f"cannot read {what}: not a torch checkpoint (torch.save zip format)")
+    try:  # torch.save stores its records uncompressed: a compressed one could inflate to any size
+        with zipfile.ZipFile(path) as archive:
+            packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+    except (OSError, zipfile.BadZipFile, ValueError) as err:
+        raise InputError(path, f"cannot read {what}: {_first_line(err)}") from err
+    if packed:
+        raise InputError(path, f"cannot read {what}: compressed records ({_printable(packed[0])}) are not "
+                               "written by torch.save and are refused")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # truncated or foreign files raise various pickle / zip / runtime errors

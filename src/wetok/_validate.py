@@ -77,6 +77,8 @@ def check_optional_str(name: str, value: Any, max_length: int = 4096) -> str | N
         raise TypeError(f"{name} must be a string or null, got {_show(value)}")
     if value is not None and len(value) > max_length:
         raise ValueError(f"{name} is longer than {max_length} characters")
+    if value is not None and not value.isprintable():
+        raise ValueError(f"{name} must be printable text (no line breaks or control characters)")
     return value
 
 

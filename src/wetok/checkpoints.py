@@ -20,7 +20,7 @@ from ._state import check_state, expected_shapes, safetensors_shapes
 from .config import WeTokConfig
 from .errors import InputError
 from .model import WeTok
-from .official import load_official
+from .official import MAX_CONFIG_BYTES, load_official
 from .registry import DEFAULT_MODEL_DIR, ModelEntry, find_model, no_weights_message
 
 __all__ = [
@@ -58,6 +58,8 @@ def read_config_json(path: str | Path) -> dict:
     wetok reads, its ``wetok_format_version`` removed."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise InputError(path, f"a config larger than {MAX_CONFIG_BYTES // 2**20} MiB is refused")
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
         raise InputError(path, f"cannot read config: {err}") from err

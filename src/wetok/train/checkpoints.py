@@ -3,6 +3,7 @@ to the native format (``wetok export``)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,14 @@ LAST_POINTER = "last"
 
 
 def pointed_checkpoint(pointer: str | Path) -> Path:
-    """The checkpoint a ``checkpoints/last`` pointer names (a one-line text file; the file may be gone)."""
+    """The checkpoint a ``checkpoints/last`` pointer names (a one-line text file holding a ``step-*.pt`` name in
+    the same folder; the file may be gone)."""
     pointer = Path(pointer)
-    return pointer.parent / pointer.read_text().strip()
+    with open(pointer, "rb") as file:
+        name = file.read(256).decode("utf-8").strip()
+    if not re.fullmatch(r"step-\d+\.pt", name):
+        raise InputError(pointer, "is not a checkpoints/last pointer (one line naming a step-*.pt file beside it)")
+    return pointer.parent / name
 
 
 def latest_checkpoint(output: str | Path) -> Path | None:
@@ -38,8 +44,11 @@ def latest_checkpoint(output: str | Path) -> Path | None:
     folder = Path(output) / CHECKPOINT_DIR
     pointer = folder / LAST_POINTER
     if pointer.is_file():
-        candidate = pointed_checkpoint(pointer)
-        if candidate.is_file():
+        try:
+            candidate = pointed_checkpoint(pointer)
+        except (OSError, UnicodeDecodeError, InputError):
+            candidate = None  # a damaged pointer: fall back on the highest step
+        if candidate is not None and candidate.is_file():
             return candidate
     found = sorted(folder.glob("step-*.pt"))
     return found[-1] if found else None
