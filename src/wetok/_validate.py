@@ -17,7 +17,7 @@ from typing import Any
 __all__ = ["MAX_PARAMETERS_ENV", "check_bool", "check_choice", "check_float", "check_int", "check_size",
            "max_parameters"]
 
-#: Environment variable that raises (or lowers) the parameter bound of every model configuration.
+#: Environment variable that raises the parameter bound of every model configuration.
 MAX_PARAMETERS_ENV = "WETOK_MAX_PARAMETERS"
 #: Default bound: 2e9 parameters, 8 GB of float32 weights (the largest official tokenizer has 1.7e9).
 DEFAULT_MAX_PARAMETERS = 2_000_000_000
@@ -83,15 +83,14 @@ def check_optional_str(name: str, value: Any, max_length: int = 4096) -> str | N
 
 
 def max_parameters() -> int:
-    """The parameter bound: ``$WETOK_MAX_PARAMETERS`` when set (an integer, ``2e9`` notation accepted), else
-    :data:`DEFAULT_MAX_PARAMETERS`."""
+    """The parameter bound: ``$WETOK_MAX_PARAMETERS`` when set to a number above the default (``3e9`` notation
+    accepted), else :data:`DEFAULT_MAX_PARAMETERS`. The bound can only be raised: every registered configuration
+    is built when wetok is imported."""
     raw = os.environ.get(MAX_PARAMETERS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_PARAMETERS
     try:
-        return int(float(raw))
+        return max(DEFAULT_MAX_PARAMETERS, int(float(raw))) if raw else DEFAULT_MAX_PARAMETERS
     except (ValueError, OverflowError):
-        raise ValueError(f"{MAX_PARAMETERS_ENV}={raw!r} is not a number") from None
+        return DEFAULT_MAX_PARAMETERS
 
 
 def check_size(what: str, parameters: int) -> None:

@@ -144,9 +144,9 @@ class WeTokConfig:
         if not isinstance(data, dict):
             raise TypeError(f"a tokenizer config must be a mapping of fields, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(repr, set(data) - known))
         if unknown:
-            raise ValueError(f"unknown config fields: {', '.join(unknown)}")
+            raise ValueError(f"unknown config fields: {', '.join(unknown)[:300]}")
         return cls(**data)
 
     def replace(self, **changes: Any) -> WeTokConfig:
