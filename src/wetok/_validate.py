@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import types
+import typing
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Union
 
-__all__ = ["MAX_PARAMETERS_ENV", "check_bool", "check_choice", "check_float", "check_int", "check_size",
-           "max_parameters"]
+__all__ = ["MAX_PARAMETERS_ENV", "check_bool", "check_choice", "check_float", "check_int", "check_size", "conform",
+           "describe_type", "max_parameters"]
 
 #: Environment variable that raises the parameter bound of every model configuration.
 MAX_PARAMETERS_ENV = "WETOK_MAX_PARAMETERS"
@@ -101,3 +103,65 @@ def check_size(what: str, parameters: int) -> None:
             f"{what} would have {parameters:.3g} parameters ({4 * parameters / 2**30:.1f} GiB in float32), above "
             f"the limit of {bound:.3g}; set {MAX_PARAMETERS_ENV} to allow more"
         )
+
+
+def conform(value: Any, hint: Any) -> Any:
+    """``value`` checked against a field's type ``hint`` (and converted: a list to a tuple, an int or a numeric
+    string to a float, an integral float to an int), or TypeError. A bool is not a number."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return conform(value, arg)
+            except TypeError:
+                continue
+        raise TypeError
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-4" as a string
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(conform(v, a) for v, a in zip(value, args, strict=True))
+    elif origin is list:
+        if isinstance(value, list):
+            return [conform(v, args[0]) for v in value]
+    elif origin is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return value
+    raise TypeError
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
+def describe_type(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(describe_type(a) for a in args)
+    if origin is tuple:
+        return f"a list of {len(args)} numbers"
+    if origin is list:
+        return f"a list of {describe_type(args[0]).removeprefix('an ').removeprefix('a ')}s"
+    if origin is dict:
+        return "a mapping"
+    return _TYPE_NAMES.get(hint, str(hint))

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
+from .._validate import conform, describe_type
 from ..config import WeTokConfig
 from ..errors import InputError
 from ..official import read_yaml
@@ -354,79 +354,17 @@ class TrainConfig:
             bad("samples.per_class must be >= 1 and samples.classes a list of class numbers")
 
 
-def _conform(value: Any, hint: Any) -> Any:
-    """``value`` checked against a field's type ``hint`` (and converted: a list to a tuple, an int or a numeric
-    string to a float, an integral float to an int), or TypeError. A bool is not a number."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _conform(value, arg)
-            except TypeError:
-                continue
-        raise TypeError
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-            return int(value)
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads "1e-4" as a string
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    elif origin is tuple:
-        if isinstance(value, (list, tuple)) and len(value) == len(args):
-            return tuple(_conform(v, a) for v, a in zip(value, args, strict=True))
-    elif origin is list:
-        if isinstance(value, list):
-            return [_conform(v, args[0]) for v in value]
-    elif origin is dict:
-        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-            return value
-    raise TypeError
-
-
-_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-
-
-def _describe(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if origin is tuple:
-        return f"a list of {len(args)} numbers"
-    if origin is list:
-        return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
-    if origin is dict:
-        return "a mapping"
-    return _EXPECTED.get(hint, str(hint))
-
-
 def _coerce(value: Any, section: type, key: str, source: object) -> Any:
     """A YAML value checked against the type of the recipe field ``section.key`` it sets."""
     hint = typing.get_type_hints(section)[key]
     if key == "precision" and isinstance(value, int) and not isinstance(value, bool):
         value = str(value)  # `precision: 32` reads as an integer
     try:
-        return _conform(value, hint)
+        return conform(value, hint)
     except TypeError:
         shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
         name = f"{_SECTION_NAMES[section]}.{key}"
-        raise InputError(source, f"{name} must be {_describe(hint)}, got {shown}") from None
+        raise InputError(source, f"{name} must be {describe_type(hint)}, got {shown}") from None
 
 
 def _merge(cfg: TrainConfig, data: dict[str, Any], source: object) -> None:
