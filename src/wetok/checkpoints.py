@@ -6,6 +6,7 @@ checkpoints of ``wetok train`` are read by :mod:`wetok.train.checkpoints`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,11 @@ from torch import Tensor
 
 from ._files import atomic_write
 from ._hub import hub_file, hub_snapshot
+from ._state import check_state, expected_shapes, safetensors_shapes
 from .config import WeTokConfig
-from .errors import CheckpointError, InputError
+from .errors import InputError
 from .model import WeTok
-from .official import load_official
+from .official import MAX_CONFIG_BYTES, load_official
 from .registry import DEFAULT_MODEL_DIR, ModelEntry, find_model, no_weights_message
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "load_folder",
     "load_pretrained",
     "read_config",
+    "read_weights",
     "save_pretrained",
 ]
 
@@ -55,6 +58,8 @@ def read_config_json(path: str | Path) -> dict:
     wetok reads, its ``wetok_format_version`` removed."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise InputError(path, f"a config larger than {MAX_CONFIG_BYTES // 2**20} MiB is refused")
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
         raise InputError(path, f"cannot read config: {err}") from err
@@ -127,19 +132,29 @@ def load_entry(entry: ModelEntry, *, revision: str | None = None, cache_dir: str
 
 
 def load_folder(path: str | Path) -> WeTok:
-    """The model of a native folder (``config.json`` + ``model.safetensors``), in eval mode."""
+    """The model of a native folder (``config.json`` + ``model.safetensors``), in eval mode. The weights' names
+    and shapes are checked against the config (from the file's header) before any tensor is read."""
     path = Path(path)
     config = read_config(path / CONFIG_NAME)
     weights = path / WEIGHTS_NAME
+    state = read_weights(weights, WeTok, config)
+    model = WeTok(config)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def read_weights(weights: str | Path, build: Callable[[Any], torch.nn.Module], config: Any) -> dict[str, Tensor]:
+    """The tensors of a ``model.safetensors`` for ``build(config)``: its header checked against the model's
+    state-dict names and shapes (computed without allocating the model) before the tensors are read; every
+    failure is one :class:`InputError` / :class:`CheckpointError` naming the file."""
+    weights = Path(weights)
     if not weights.is_file():
         raise InputError(weights, "missing weights file")
+    check_state(expected_shapes(build, config), safetensors_shapes(weights), weights)
     try:
-        state = load_file(str(weights))
+        return load_file(str(weights))
     except Exception as err:  # safetensors raises its own error types
-        raise InputError(weights, f"cannot read weights: {err}") from err
-    model = WeTok(config)
-    _load_exact(model, state, weights)
-    return model.eval()
+        raise InputError(weights, f"cannot read weights: {str(err).strip().splitlines()[0][:300]}") from err
 
 
 def _download_from_hub(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None,
@@ -151,20 +166,9 @@ def _download_from_hub(repo_id: str, revision: str | None = None, cache_dir: str
                         local_files_only=local_files_only, progress=progress)
 
 
-def _load_exact(model: WeTok, state: dict[str, Tensor], source: object) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: state dict does not match the config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}"
-            f", unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise CheckpointError(
-                f"{source}: {key} has shape {tuple(value.shape)}, the config needs {tuple(expected[key].shape)}"
-            )
+def _load_exact(model: torch.nn.Module, state: dict[str, Tensor], source: object) -> None:
+    """Load ``state`` into ``model``: exactly its names and shapes, else one :class:`CheckpointError` line."""
+    check_state({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, source)
     model.load_state_dict(state)
 
 

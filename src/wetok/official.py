@@ -10,15 +10,17 @@ whose output channels are permuted from the official DCR depth-to-space order to
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 from torch import Tensor
 
 from ._hub import hub_file
+from ._state import check_state, expected_shapes, read_torch_file
+from ._validate import check_int
 from .blocks import dcr_to_pixel_shuffle, pixel_shuffle_to_dcr
 from .config import WeTokConfig
 from .errors import CheckpointError, InputError
@@ -43,30 +45,25 @@ _SKIPPED_MARKERS = ("inception_model", "lpips_vgg", "lpips_alex")
 def read_official_config(path: str | Path) -> WeTokConfig:
     """Parse the model section of an official YAML config (LightningCLI ``init_args`` or older ``params``)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise InputError(path, f"cannot read YAML config: {err}") from err
+    data = read_yaml(path, "YAML config")
     try:
         model = data["model"]
         args = model.get("init_args", model.get("params"))
         dd = args["ddconfig"]
-        n_embed = int(args["n_embed"])
-        groups = int(args.get("num_codebooks", 1))
-    except (KeyError, TypeError, AttributeError) as err:
-        raise InputError(path, f"not an official WeTok model config (missing {err})") from err
-    bits = int(round(math.log2(n_embed)))
-    if 2**bits != n_embed:
-        raise InputError(path, f"n_embed {n_embed} is not a power of two")
-    if int(args.get("embed_dim", dd["z_channels"])) != int(dd["z_channels"]):
-        raise InputError(path, "embed_dim differs from z_channels; such models were never released")
-    generative = bool(args.get("gan_decoder", dd.get("gan_decoder", False)))
-    try:
+        n_embed = check_int("n_embed", args["n_embed"], 2, 2**62)
+        groups = check_int("num_codebooks", args.get("num_codebooks", 1), 1)
+        z_channels = check_int("z_channels", dd["z_channels"], 1)
+        if check_int("embed_dim", args.get("embed_dim", z_channels), 1) != z_channels:
+            raise InputError(path, "embed_dim differs from z_channels; such models were never released")
+        bits = n_embed.bit_length() - 1
+        if 2**bits != n_embed:
+            raise InputError(path, f"n_embed {n_embed} is not a power of two")
+        generative = args.get("gan_decoder", dd.get("gan_decoder", False))
         return WeTokConfig(
-            channels=int(dd["ch"]),
-            ch_mult=tuple(dd["ch_mult"]),
-            num_res_blocks=int(dd["num_res_blocks"]),
-            z_channels=int(dd["z_channels"]),
+            channels=dd["ch"],
+            ch_mult=dd["ch_mult"],
+            num_res_blocks=dd["num_res_blocks"],
+            z_channels=z_channels,
             groups=groups,
             bits_per_group=bits,
             generative_decoder=generative,
@@ -74,8 +71,28 @@ def read_official_config(path: str | Path) -> WeTokConfig:
             token_reduction="mean",
             name=path.stem,
         )
+    except (KeyError, TypeError, AttributeError) as err:
+        raise InputError(path, f"not an official WeTok model config ({type(err).__name__}: {err})") from err
     except ValueError as err:
         raise InputError(path, f"invalid model config: {err}") from err
+
+
+#: Configuration files (YAML recipes and configs) larger than this are refused before they are parsed.
+MAX_CONFIG_BYTES = 10 * 2**20
+
+
+def read_yaml(path: str | Path, what: str = "YAML file") -> Any:
+    """A YAML file parsed with ``yaml.safe_load`` (at most :data:`MAX_CONFIG_BYTES`), or one InputError."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise InputError(path, f"a {what} larger than {MAX_CONFIG_BYTES // 2**20} MiB is refused")
+        return yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise InputError(path, f"cannot read {what}: {err.strerror or err}") from err
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError, ValueError) as err:
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        raise InputError(path, f"invalid {what}: {reason}") from err
 
 
 @dataclass
@@ -148,8 +165,7 @@ def load_official_with_report(
             logger.info("%s: decoder.conv_in takes %d channels; using generative_decoder=%s",
                         ckpt, conv_in.shape[1], generative)
             cfg = cfg.replace(generative_decoder=generative)
-    model = WeTok(cfg)
-    expected = model.state_dict()
+    expected = expected_shapes(WeTok, cfg)
     report = LoadReport(weights="ema" if ema else "raw")
     consumed: set[str] = set()
     new_state: dict[str, Tensor] = {}
@@ -157,18 +173,15 @@ def load_official_with_report(
     for key in expected:
         ema_key = "model_ema." + key.replace(".", "")
         if ema and ema_key in state:
-            value, source = state[ema_key], report.loaded_from_ema
+            new_state[key] = state[ema_key]
+            report.loaded_from_ema.append(key)
             consumed.add(ema_key)
         elif key in state:
-            value, source = state[key], report.loaded_from_raw
+            new_state[key] = state[key]
+            report.loaded_from_raw.append(key)
         else:
             missing.append(key)
             continue
-        if value.shape != expected[key].shape:
-            raise CheckpointError(f"{ckpt}: {key} has shape {tuple(value.shape)}, the config needs "
-                                  f"{tuple(expected[key].shape)}")
-        new_state[key] = _official_tensor(key, value.to(expected[key].dtype))
-        source.append(key)
         consumed.add(key)
     unexpected = []
     for key in state:
@@ -178,12 +191,16 @@ def load_official_with_report(
             report.skipped.append(key)
         else:
             unexpected.append(key)
+    check_state({k: expected[k] for k in new_state}, new_state, ckpt)  # another architecture: say so first
     if missing or unexpected:
         raise CheckpointError(
-            f"{ckpt}: does not match config {cfg.name or ''}: missing model keys {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''} ({len(missing)}), unexpected keys {unexpected[:5]}"
-            f"{'...' if len(unexpected) > 5 else ''} ({len(unexpected)})"
+            f"{ckpt}: does not match config {cfg.name or ''}: {len(missing)} missing model keys {missing[:3]}"
+            f"{'...' if len(missing) > 3 else ''}, {len(unexpected)} unexpected keys {unexpected[:3]}"
+            f"{'...' if len(unexpected) > 3 else ''}"
         )
+    model = WeTok(cfg)
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    new_state = {k: _official_tensor(k, v.to(dtypes[k])) for k, v in new_state.items()}
     model.load_state_dict(new_state)
     model.eval()
     logger.info("%s: %s", ckpt, report.summary())
@@ -217,17 +234,9 @@ def _resolve_config(config: str | Path | WeTokConfig) -> WeTokConfig:
 
 
 def _read_official_state(ckpt: Path) -> dict[str, Tensor]:
-    if not ckpt.is_file():
-        raise InputError(ckpt, "no such checkpoint file")
-    try:
-        try:
-            data = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-            data = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors come in many types
-        raise InputError(ckpt, f"cannot read checkpoint: {err}") from err
+    data = read_torch_file(ckpt, "checkpoint")
     state = data.get("state_dict", data) if isinstance(data, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise InputError(ckpt, "not a Lightning checkpoint with a 'state_dict' of tensors")
     return state
 

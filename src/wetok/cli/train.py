@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import typing
 
 from ..errors import InputError
 
@@ -34,14 +35,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+class _RestParser(argparse.ArgumentParser):
+    """Parses what follows CONFIG; a problem is one InputError line, not argparse's usage text and exit."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise InputError("arguments", f"{message} (usage: {_USAGE})")
+
+
 def _parse_rest(args: argparse.Namespace) -> tuple[list[str], str, bool]:
-    sub = argparse.ArgumentParser(prog="wetok train", usage=_USAGE, add_help=False)
+    sub = _RestParser(prog="wetok train", usage=_USAGE, add_help=False)
     sub.add_argument("overrides", nargs="*")
     _options(sub, required=False)
-    try:
-        rest = sub.parse_intermixed_args(args.rest)
-    except SystemExit as err:  # argparse already printed the problem
-        raise InputError("arguments", "see the message above") from err
+    rest = sub.parse_intermixed_args(args.rest)
     output = rest.output or args.output
     if output is None:
         raise InputError("arguments", "--output DIR is required")

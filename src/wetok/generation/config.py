@@ -6,6 +6,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from .._validate import check_float, check_int, check_optional_str, check_size
+
+#: Bounds of the fields that set sizes (the parameter count is bounded too: ``WETOK_MAX_PARAMETERS``).
+MAX_GRID_SIDE = 256
+#: Bound of the 2D RoPE table's float32 entries, (1 + h * w) * head_dim (512 MiB).
+MAX_ROPE_ENTRIES = 2**27
+MAX_WIDTH = 65536
+MAX_LAYERS = 256
+
 
 def default_ffn_hidden(dim: int, multiple_of: int = 256) -> int:
     """SwiGLU hidden width of the official blocks: 8 * dim / 3 (truncated) rounded up to a multiple of 256."""
@@ -25,6 +34,8 @@ class WeTokARConfig:
     (None: the official rounding of 8 * dim / 3), 2D RoPE with base ``rope_base``.
     Training-only: dropout on the input embeddings (``token_dropout``), after attention (``resid_dropout``) and in
     the FFN (``ffn_dropout``); ``class_dropout`` is the probability of replacing a label by the null class.
+    Fields are checked on construction (exact types, ranges) and the parameter count (:meth:`num_parameters`)
+    must not exceed ``$WETOK_MAX_PARAMETERS`` (default 2e9).
     """
 
     num_classes: int = 1000
@@ -49,23 +60,41 @@ class WeTokARConfig:
 
     def __post_init__(self) -> None:
         if self.ffn_hidden is None:
+            check_int("dim", self.dim, 1, MAX_WIDTH)
             object.__setattr__(self, "ffn_hidden", default_ffn_hidden(self.dim))
-        for key in ("num_classes", "grid_height", "grid_width", "groups", "bits_per_group", "dim", "n_head",
-                    "spatial_layers", "intra_layers", "ffn_hidden"):
-            if int(getattr(self, key)) < 1:
-                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        limits = {"num_classes": 10**7, "grid_height": MAX_GRID_SIDE, "grid_width": MAX_GRID_SIDE, "groups": 256,
+                  "bits_per_group": 20, "dim": MAX_WIDTH, "n_head": MAX_WIDTH, "spatial_layers": MAX_LAYERS,
+                  "intra_layers": MAX_LAYERS, "ffn_hidden": 4 * MAX_WIDTH}
+        for key, high in limits.items():  # bits_per_group above 20 gives an impractically large output head
+            object.__setattr__(self, key, check_int(key, getattr(self, key), 1, high))
         if self.dim % self.n_head:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_head ({self.n_head})")
         if self.head_dim % 4:
             raise ValueError(f"head_dim ({self.head_dim}) must be a multiple of 4 for the 2D RoPE")
-        if self.bits_per_group > 20:
-            raise ValueError("bits_per_group above 20 gives an impractically large output head")
         if self.groups > self.num_positions + 1:
             raise ValueError("groups must not exceed the number of positions + 1 (the intra-position RoPE "
                              "reuses the first entries of the spatial table)")
-        for key in ("token_dropout", "resid_dropout", "ffn_dropout", "class_dropout"):
-            if not 0.0 <= float(getattr(self, key)) < 1.0:
-                raise ValueError(f"{key} must be in [0, 1)")
+        if (1 + self.num_positions) * self.head_dim > MAX_ROPE_ENTRIES:
+            raise ValueError(f"the RoPE table of {self.num_positions} positions x head_dim {self.head_dim} would "
+                             f"exceed {MAX_ROPE_ENTRIES} entries")
+        floats = {"token_dropout": (0.0, 1.0, False, True), "resid_dropout": (0.0, 1.0, False, True),
+                  "ffn_dropout": (0.0, 1.0, False, True), "class_dropout": (0.0, 1.0, False, True),
+                  "rope_base": (1.0, None, True, False), "norm_eps": (0.0, 1.0, True, False),
+                  "init_std": (0.0, 1.0, False, False)}
+        for key, (low, high, low_open, high_open) in floats.items():
+            object.__setattr__(self, key, check_float(key, getattr(self, key), low, high, low_open=low_open,
+                                                      high_open=high_open))
+        check_optional_str("name", self.name)
+        check_size("this generator", self.num_parameters())
+
+    def num_parameters(self) -> int:
+        """The number of parameters of the model this config builds, in closed form (known before anything is
+        allocated): class and sub-token embeddings, the blocks (two RMSNorms, attention 4 dim^2, SwiGLU
+        3 dim ffn_hidden), the final norm and the g output heads."""
+        d, hidden = self.dim, self.ffn_hidden or default_ffn_hidden(self.dim)
+        block = 2 * d + 4 * d * d + 3 * d * hidden
+        return ((self.num_classes + 1) * d + 2 * self.groups * self.vocab_size * d
+                + (self.spatial_layers + self.intra_layers) * block + d)
 
     @property
     def head_dim(self) -> int:
@@ -91,10 +120,12 @@ class WeTokARConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WeTokARConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"a generator config must be a mapping of fields, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(repr, set(data) - known))
         if unknown:
-            raise ValueError(f"unknown config fields: {', '.join(unknown)}")
+            raise ValueError(f"unknown config fields: {', '.join(unknown)[:300]}")
         return cls(**data)
 
     def replace(self, **changes: Any) -> WeTokARConfig:

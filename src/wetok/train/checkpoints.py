@@ -3,12 +3,12 @@ to the native format (``wetok export``)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .._files import atomic_folder
+from .._state import check_state, expected_shapes, read_torch_file
 from ..config import WeTokConfig
 from ..errors import InputError
 from ..model import WeTok
@@ -29,9 +29,14 @@ LAST_POINTER = "last"
 
 
 def pointed_checkpoint(pointer: str | Path) -> Path:
-    """The checkpoint a ``checkpoints/last`` pointer names (a one-line text file; the file may be gone)."""
+    """The checkpoint a ``checkpoints/last`` pointer names (a one-line text file holding a ``step-*.pt`` name in
+    the same folder; the file may be gone)."""
     pointer = Path(pointer)
-    return pointer.parent / pointer.read_text().strip()
+    with open(pointer, "rb") as file:
+        name = file.read(256).decode("utf-8").strip()
+    if not re.fullmatch(r"step-\d+\.pt", name):
+        raise InputError(pointer, "is not a checkpoints/last pointer (one line naming a step-*.pt file beside it)")
+    return pointer.parent / name
 
 
 def latest_checkpoint(output: str | Path) -> Path | None:
@@ -39,8 +44,11 @@ def latest_checkpoint(output: str | Path) -> Path | None:
     folder = Path(output) / CHECKPOINT_DIR
     pointer = folder / LAST_POINTER
     if pointer.is_file():
-        candidate = pointed_checkpoint(pointer)
-        if candidate.is_file():
+        try:
+            candidate = pointed_checkpoint(pointer)
+        except (OSError, UnicodeDecodeError, InputError):
+            candidate = None  # a damaged pointer: fall back on the highest step
+        if candidate is not None and candidate.is_file():
             return candidate
     found = sorted(folder.glob("step-*.pt"))
     return found[-1] if found else None
@@ -67,35 +75,40 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by ``wetok train`` (tensors and plain Python values only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "does not exist" if not path.exists() else "is not a file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated or foreign files raise various pickle/zip errors
-        lines = str(err).strip().splitlines()
-        reason = lines[0] if lines else type(err).__name__
-        if reason.startswith("Weights only load failed"):  # torch's multi-paragraph advice about weights_only
-            reason = "not a torch.save file of tensors and plain values, or a corrupt one"
-        raise InputError(path, f"cannot read training checkpoint: {reason}") from err
+    ckpt = read_torch_file(path, "training checkpoint", mmap=False)
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "ema" not in ckpt:
         raise InputError(path, "not a wetok training checkpoint (no model_config / ema entries)")
     return ckpt
 
 
+def checkpoint_weights(ckpt: dict[str, Any], live_key: str, config_type: Any, build: Any, *, ema: bool,
+                       source: object) -> tuple[Any, dict[str, Any]]:
+    """The validated model config of a training checkpoint and the state dict to load (the EMA's, or the live
+    ``live_key`` one), checked against the model's names and shapes before the model is built."""
+    try:
+        config = config_type.from_dict(ckpt["model_config"])
+    except (TypeError, ValueError) as err:
+        raise InputError(source, f"invalid model_config: {err}") from err
+    use_ema = ema and ckpt.get("ema") is not None
+    weights = ckpt["ema"] if use_ema else ckpt.get(live_key)
+    if not isinstance(weights, dict):
+        raise InputError(source, f"not a wetok training checkpoint (no {live_key} / ema weights)")
+    if use_ema:
+        weights = {k.removeprefix("module."): v for k, v in weights.items()
+                   if isinstance(k, str) and k.startswith("module.")}
+    check_state(expected_shapes(build, config), weights, f"{source} ({'EMA' if use_ema else live_key} weights)")
+    return config, weights
+
+
 def model_from_checkpoint(ckpt: dict[str, Any], *, ema: bool = True, source: object = "checkpoint") -> WeTok:
     """The EMA (default; the live weights when the run kept no EMA) or live tokenizer of a tokenizer training
     checkpoint, as a :class:`WeTok` in eval mode."""
-    if ckpt.get("task", "tokenizer") != "tokenizer":
-        raise InputError(source, f"is a {ckpt['task']} training checkpoint, not a tokenizer's")
-    model = WeTok(WeTokConfig.from_dict(ckpt["model_config"]))
-    if ema and ckpt["ema"] is not None:
-        state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
-    else:
-        state = ckpt["generator"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise InputError(source, f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    task = ckpt.get("task", "tokenizer")
+    if task != "tokenizer":
+        raise InputError(source, f"is a {str(task)[:40]!r} training checkpoint, not a tokenizer's")
+    config, state = checkpoint_weights(ckpt, "generator", WeTokConfig, WeTok, ema=ema, source=source)
+    model = WeTok(config)
+    model.load_state_dict(state)
     model.name_or_path = str(source)
     return model.eval()
 

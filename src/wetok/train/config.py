@@ -5,20 +5,26 @@ of spec §4-5 except the model and data paths). ``trainer.task`` (or a top-level
 trained: ``tokenizer`` (WeTok, stages 1 and 2) or ``generator`` (WeTok-AR on token shards, spec §7.3); sections
 ``loss`` and ``discriminator`` are tokenizer-only, ``samples`` is generator-only. ``load_config("recipe.yaml", ["optim.lr=2e-4"])`` applies the
 overrides after the file; override values are parsed as YAML (``1e-4`` is a float, ``null`` is None,
-``[0.5,0.9]`` a list). Unknown keys are errors that name the file (or ``override``) and the key.
+``[0.5,0.9]`` a list). Unknown keys are errors that name the file (or ``override``) and the key; every value is
+checked against its field's declared type (a bool is not a number, ``abc`` is not an integer) and range before
+anything is built or created.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .._validate import conform, describe_type
 from ..config import WeTokConfig
 from ..errors import InputError
+from ..official import read_yaml
 from ..presets import get_config, is_preset
 
 __all__ = [
@@ -32,6 +38,10 @@ __all__ = [
     "TrainerSection",
     "load_config",
 ]
+
+
+#: The largest training / validation crop side accepted.
+MAX_IMAGE_SIZE = 16384
 
 
 @dataclass
@@ -189,6 +199,30 @@ _SECTIONS = {
     "trainer": TrainerSection,
     "samples": SamplesSection,
 }
+#: Ranges of the numeric recipe fields: (low, high, low bound excluded); None: unbounded. Sizes are capped so that
+#: a typing slip cannot ask for terabytes.
+_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "loss.l1_weight": (0, None, False), "loss.perceptual_weight": (0, None, False),
+    "loss.gan_weight": (0, None, False), "loss.adaptive_scale": (0, None, False), "loss.gan_start": (0, None, False),
+    "loss.lecam_weight": (0, None, False), "loss.lecam_decay": (0, 1, False),
+    "discriminator.ndf": (1, 4096, False), "discriminator.n_layers": (0, 8, False),
+    "optim.lr": (0, None, True), "optim.disc_lr": (0, None, True), "optim.weight_decay": (0, None, False),
+    "optim.warmup_steps": (0, None, False), "optim.warmup_start": (0, 1, False), "optim.hold_steps": (0, None, False),
+    "optim.min_lr_ratio": (0, 1, False), "optim.grad_clip": (0, None, True),
+    "data.image_size": (1, MAX_IMAGE_SIZE, False), "data.min_side": (0, None, False),
+    "data.max_aspect": (1, None, False), "data.batch_size": (1, 2**24, False),
+    "data.micro_batch_size": (1, 2**16, False), "data.num_workers": (0, 1024, False),
+    "data.val_image_size": (1, MAX_IMAGE_SIZE, False), "data.val_batch_size": (1, 2**16, False),
+    "data.val_max_images": (0, None, False),
+    "trainer.max_steps": (1, 2**48, False), "trainer.max_minutes": (0, None, True),
+    "trainer.num_nodes": (1, 2**16, False), "trainer.seed": (0, 2**32 - 1, False), "trainer.ema_decay": (0, 1, False),
+    "trainer.log_every": (0, None, False), "trainer.val_every": (0, None, False),
+    "trainer.image_every": (0, None, False), "trainer.checkpoint_every": (0, None, False),
+    "trainer.keep_checkpoints": (0, None, False),
+    "samples.per_class": (1, 1024, False), "samples.temperature": (0, None, True), "samples.top_k": (0, None, False),
+    "samples.top_p": (0, 1, True),
+}
+_SECTION_NAMES = {cls: name for name, cls in _SECTIONS.items()}
 TASKS = ("tokenizer", "generator")
 
 
@@ -241,6 +275,23 @@ class TrainConfig:
             raise InputError(source, msg)
 
         t, d, o = self.trainer, self.data, self.optim
+        self._check_types(source)
+        for name, (low, high, low_open) in _RANGES.items():
+            section, key = name.split(".")
+            value = getattr(getattr(self, section), key)
+            if value is None:
+                continue
+            number = float(value)
+            if (not math.isfinite(number) or (low is not None and (number < low or (low_open and number == low)))
+                    or (high is not None and number > high)):
+                limits = ([f"{'>' if low_open else '>='} {low}"] if low is not None else []) + (
+                    [f"<= {high}"] if high is not None else [])
+                bad(f"{name} must be {' and '.join(limits)}, got {value}")
+        if not all(0.0 <= b < 1.0 for b in o.betas):
+            bad(f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
+        scales = self.samples.cfg_scale if isinstance(self.samples.cfg_scale, list) else [self.samples.cfg_scale]
+        if not scales or not all(math.isfinite(c) and c >= 0 for c in scales):
+            bad(f"samples.cfg_scale must be a number >= 0 or a list of them, got {self.samples.cfg_scale}")
         if t.task not in TASKS:
             bad(f"trainer.task must be one of {', '.join(TASKS)}, got {t.task!r}")
         if t.stage not in (1, 2):
@@ -253,6 +304,8 @@ class TrainConfig:
             bad(f"optim.schedule must be constant, cosine or linear, got {o.schedule!r}")
         if self.discriminator.norm not in ("batch", "sync_batch", "none"):
             bad(f"discriminator.norm must be batch, sync_batch or none, got {self.discriminator.norm!r}")
+        if self.loss.perceptual_net not in ("vgg", "alex", "squeeze"):
+            bad(f"loss.perceptual_net must be vgg, alex or squeeze (the LPIPS networks), got {self.loss.perceptual_net!r}")
         if d.crop not in ("random", "center"):
             bad(f"data.crop must be random or center, got {d.crop!r}")
         if d.batch_size < 1 or d.micro_batch_size < 1 or d.batch_size % d.micro_batch_size:
@@ -271,9 +324,24 @@ class TrainConfig:
         elif self.model.preset is not None and not is_preset(self.model.preset):
             bad(f"unknown model.preset {self.model.preset!r}")
         try:
-            self.model_config()
+            model = self.model_config()
         except (TypeError, ValueError, KeyError) as err:
-            bad(f"invalid model settings: {err}")
+            bad(f"invalid model settings: {str(err).strip(chr(34))}")
+        if t.task == "tokenizer":
+            f = model.downsample_factor
+            for key in ("image_size", "val_image_size"):
+                size = getattr(d, key)
+                if size is not None and size % f:
+                    bad(f"data.{key} ({size}) must be a multiple of the model's downsampling factor {f}")
+
+    def _check_types(self, source: object) -> None:
+        """Every field of the recipe has its declared type (fields set in Python skip :func:`_merge`)."""
+        for name, cls in _SECTIONS.items():
+            section = getattr(self, name)
+            if not isinstance(section, cls):
+                raise InputError(source, f"section {name!r} must be a mapping")
+            for f in fields(cls):
+                setattr(section, f.name, _coerce(getattr(section, f.name), cls, f.name, source))
 
     def _validate_generator(self, bad: Any) -> None:
         from ..generation.config import is_ar_preset, list_ar_presets
@@ -286,20 +354,17 @@ class TrainConfig:
             bad("samples.per_class must be >= 1 and samples.classes a list of class numbers")
 
 
-def _coerce(value: Any, current: Any, key: str, source: object) -> Any:
-    """Light type checking of a YAML value against the default it replaces."""
-    if isinstance(current, tuple) and isinstance(value, list):
-        return tuple(value)
-    if isinstance(current, bool) and not isinstance(value, bool):
-        raise InputError(source, f"{key} must be true or false, got {value!r}")
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(current, float) and isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads "1e-4" as a string
-        except ValueError:
-            pass
-    return value
+def _coerce(value: Any, section: type, key: str, source: object) -> Any:
+    """A YAML value checked against the type of the recipe field ``section.key`` it sets."""
+    hint = typing.get_type_hints(section)[key]
+    if key == "precision" and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # `precision: 32` reads as an integer
+    try:
+        return conform(value, hint)
+    except TypeError:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        name = f"{_SECTION_NAMES[section]}.{key}"
+        raise InputError(source, f"{name} must be {describe_type(hint)}, got {shown}") from None
 
 
 def _merge(cfg: TrainConfig, data: dict[str, Any], source: object) -> None:
@@ -323,7 +388,7 @@ def _merge(cfg: TrainConfig, data: dict[str, Any], source: object) -> None:
                 value = str(Path(value).expanduser())
             if key == "overrides" and isinstance(value, dict):
                 value = {**target.overrides, **value}
-            setattr(target, key, _coerce(value, getattr(target, key), f"{section}.{key}", source))
+            setattr(target, key, _coerce(value, type(target), key, source))
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -338,8 +403,9 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
             raise InputError("override", f"{key!r} must name section.key")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as err:
-            raise InputError("override", f"cannot parse the value of {key}: {err}") from err
+        except (yaml.YAMLError, RecursionError, ValueError) as err:
+            reason = " ".join(str(err).split())[:200] or type(err).__name__
+            raise InputError("override", f"cannot parse the value of {key}: {reason}") from err
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -353,16 +419,14 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     source: object = "defaults"
     if path is not None:
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except OSError as err:
-            raise InputError(path, f"cannot read config: {err.strerror or err}") from err
-        except yaml.YAMLError as err:
-            raise InputError(path, f"invalid YAML: {err}") from err
+        data = read_yaml(path, "training config")
+        if data is None:
+            data = {}
         _merge(cfg, data, path)
         source = path
     if overrides:
         _merge(cfg, parse_overrides(overrides), "override")
+        source = f"{path} with overrides" if path is not None else "override"
     cfg.validate(source)
     return cfg
 

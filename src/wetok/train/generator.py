@@ -143,15 +143,11 @@ def ar_model_from_checkpoint(ckpt: dict[str, Any], *, ema: bool = True, source: 
     """The EMA (default; the live weights when the run kept no EMA) or live WeTok-AR of a generator training
     checkpoint, in eval mode."""
     from ..generation import WeTokAR, WeTokARConfig
+    from .checkpoints import checkpoint_weights
 
-    model = WeTokAR(WeTokARConfig.from_dict(ckpt["model_config"]))
-    if ema and ckpt.get("ema") is not None:
-        state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
-    else:
-        state = ckpt["model"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise InputError(source, f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    config, state = checkpoint_weights(ckpt, "model", WeTokARConfig, WeTokAR, ema=ema, source=source)
+    model = WeTokAR(config)
+    model.load_state_dict(state)
     return model.eval()
 
 

@@ -19,6 +19,7 @@ import functools
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ from ..errors import InputError, WetokError
 from .checkpoints import CHECKPOINT_DIR, LAST_POINTER, latest_checkpoint, load_training_checkpoint
 from .config import TrainConfig
 from .ema import EMA
+from .shards import expand_shards, is_shard_source
 from .task import Task
 
 __all__ = ["train", "latest_checkpoint", "lr_factor"]
@@ -115,10 +117,15 @@ class _Run:
             TensorBoardLogger(root_dir=output / "logs", name="tensorboard"),
             CSVLogger(root_dir=output / "logs", name="csv", flush_logs_every_n_steps=1),
         ]
-        self.fabric = Fabric(
-            accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-            precision=precision, loggers=loggers,
-        )
+        try:
+            self.fabric = Fabric(
+                accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+                precision=precision, loggers=loggers,
+            )
+        except Exception as err:  # Lightning's MisconfigurationException, ValueError, RuntimeError, ...
+            lines = str(err).strip().splitlines()
+            raise InputError("config", "trainer.accelerator / devices / strategy / num_nodes / precision are not "
+                             f"usable here: {lines[0][:300] if lines else type(err).__name__}") from err
         self.fabric.launch()
         self.rank, self.world = self.fabric.global_rank, self.fabric.world_size
         d = cfg.data
@@ -151,14 +158,21 @@ class _Run:
             raise InputError(self.resume_from, f"is a {ckpt.get('task', 'tokenizer')} checkpoint; the recipe "
                              f"trains a {t.task} (trainer.task)")
         torch.manual_seed(t.seed)  # same initialisation on every process
-        model = self.task.build(ckpt)
-        self.ema = (self.fabric.to_device(EMA(model, t.ema_decay, warmup=t.ema_warmup)) if t.ema else None)
-        self.model = model
-        self.step, self.position, self.bad_files = 0, 0, 0
-        if ckpt is not None:
-            self._restore(ckpt)
-        elif self.ema is not None:
-            self.ema.copy_from(model)
+        try:
+            model = self.task.build(ckpt)
+            self.ema = (self.fabric.to_device(EMA(model, t.ema_decay, warmup=t.ema_warmup)) if t.ema else None)
+            self.model = model
+            self.step, self.position, self.bad_files = 0, 0, 0
+            if ckpt is not None:
+                self._restore(ckpt)
+            elif self.ema is not None:
+                self.ema.copy_from(model)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
+            if ckpt is None:
+                raise
+            lines = str(err).strip().splitlines()
+            reason = f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
+            raise InputError(self.resume_from, f"cannot resume from this checkpoint ({reason})") from err
         # per-process RNG for what the steps draw (dropout, the generative decoder's noise); restored on resume
         if ckpt is None or "rng" not in ckpt:
             torch.manual_seed(t.seed * 7919 + 104729 * (self.rank + 1))
@@ -378,15 +392,49 @@ def train(cfg: TrainConfig, output: str | Path, *, resume: bool = False) -> Path
 
     ``output`` receives ``config.yaml``, the data listing fixed at the first start (``train_files.txt``,
     ``train_shards.txt`` or ``train_tokens.txt``), ``checkpoints/step-*.pt`` (full state) with a
-    ``checkpoints/last`` pointer, ``images/step-*.png`` grids and ``logs/{tensorboard,csv}``.
+    ``checkpoints/last`` pointer, ``images/step-*.png`` grids and ``logs/{tensorboard,csv}``. Data and init
+    paths are checked before anything is created; a run folder this call created is removed again when the run
+    fails (:class:`wetok.errors.WetokError`) before its first checkpoint.
     """
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    check_paths(cfg, output, resume)
+    created = not output.exists()  # the folder appears with the run's first file (the data listing)
     try:
         run = _Run(cfg, output, resume)
         run.build()
         return run.run()
     except WetokError:
+        _remove_if_empty_run(output, created)
         raise
     except FileNotFoundError as err:
+        _remove_if_empty_run(output, created)
         raise InputError(err.filename or output, err.strerror or "not found") from err
+
+
+def check_paths(cfg: TrainConfig, output: Path, resume: bool) -> None:
+    """Refuse, before anything is created, a run whose data or init paths do not exist or whose output cannot be
+    a run folder."""
+    d, m = cfg.data, cfg.model
+    if output.exists() and not output.is_dir():
+        raise InputError(output, "exists and is not a folder")
+    if resume and latest_checkpoint(output) is None:
+        raise InputError(output, "--resume given but the folder holds no checkpoint")
+    what = "a token-shard folder made by `wetok tokenize`" if cfg.task == "generator" else "an image folder"
+    if not d.train:
+        raise InputError("config", f"data.train is not set (pass data.train=PATH: {what})")
+    for key, path in (("data.train", d.train), ("data.val", d.val), ("model.init", m.init)):
+        if not path:
+            continue
+        if cfg.task == "tokenizer" and key != "model.init" and is_shard_source(path):
+            expand_shards(path)  # one InputError for a missing shard
+        elif not Path(path).exists():
+            raise InputError(path, f"{key}: no such file or folder")
+        elif cfg.task == "generator" and key != "model.init" and not Path(path).is_dir():
+            raise InputError(path, f"{key}: not a folder ({what})")
+
+
+def _remove_if_empty_run(output: Path, created: bool) -> None:
+    """Remove the run folder this call created when the run failed before its first checkpoint: no partial
+    output is left behind."""
+    if created and output.is_dir() and latest_checkpoint(output) is None:
+        shutil.rmtree(output, ignore_errors=True)

@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
+#: The most shards a ``{lo..hi}`` range may name.
+MAX_SHARDS = 1_000_000
+
+
 def is_shard_source(source: str) -> bool:
     """A ``.tar`` path or pattern, or a folder whose files are ``.tar`` shards."""
     if source.rstrip("/").endswith(".tar"):
@@ -63,6 +67,8 @@ def expand_shards(source: str) -> list[str]:
         match = _BRACES.search(source)
         if match:
             lo, hi = match.group(1), match.group(2)
+            if len(hi) > 12 or len(lo) > 12 or int(hi) - int(lo) >= MAX_SHARDS:
+                raise InputError(source, f"the range names more than {MAX_SHARDS} shards")
             width = len(lo)
             names = [source[: match.start()] + str(i).zfill(width) + source[match.end() :]
                      for i in range(int(lo), int(hi) + 1)]
