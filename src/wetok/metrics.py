@@ -44,6 +44,7 @@ __all__ = [
     "codebook_usage",
     "parse_metrics",
     "psnr_ssim",
+    "psnr_uint8",
     "to_uint8_hwc",
 ]
 
@@ -90,6 +91,22 @@ def to_uint8_hwc(images: Tensor, *, official_compat: bool = False) -> np.ndarray
     else:
         u8 = to_uint8(images)
     return u8.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def psnr_uint8(a: np.ndarray, b: np.ndarray, *, rows: int = 256) -> float:
+    """PSNR (dB, data range 255; +inf if identical) of two uint8 images of the same shape (H, W[, C]).
+
+    The squared error is summed exactly in int64, ``rows`` image rows at a time, so memory stays a few MB at any
+    image size (skimage's ``peak_signal_noise_ratio`` makes float64 copies of both images)."""
+    if a.shape != b.shape or a.dtype != np.uint8 or b.dtype != np.uint8:
+        raise ValueError(f"expected two uint8 images of one shape, got {a.dtype} {a.shape} and {b.dtype} {b.shape}")
+    total = 0
+    for start in range(0, a.shape[0], rows):
+        diff = (a[start:start + rows].astype(np.int64) - b[start:start + rows]).ravel()
+        total += int(diff @ diff)
+    if total == 0:
+        return float("inf")
+    return float(10 * np.log10(255.0**2 * a.size / total))
 
 
 def psnr_ssim(

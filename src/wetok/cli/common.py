@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -21,7 +23,7 @@ from PIL import Image
 
 from .._files import atomic_write
 from ..config import WeTokConfig
-from ..errors import InputError, WetokError
+from ..errors import InputError, describe_error, printable
 from ..fast import DTYPES
 from ..image import PAD_MODES
 from ..model import WeTok
@@ -30,6 +32,107 @@ from .models import FALLBACK_MODEL  # noqa: F401  (re-exported: used when there 
 
 TOKEN_SUFFIXES = (".json", ".wtok")
 IMAGE_OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+# ------------------------------------------------------------------------------------------------------ parsing
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage errors in one line: ``wetok encode: error: argument --size: ... (see wetok encode
+    --help)``, exit code 2. Subcommand parsers made by ``add_subparsers`` inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {printable(message)} (see {self.prog} --help)\n")
+
+
+#: Largest value accepted for the integer options (seeds excepted): beyond any real image side or count.
+MAX_INT_OPTION = 2**31 - 1
+#: Seeds are taken modulo nothing: they must fit torch's and numpy's 64-bit generators.
+MAX_SEED = 2**63 - 1
+
+
+def int_range(low: int, high: int = MAX_INT_OPTION) -> Callable[[str], int]:
+    """An argparse ``type``: a decimal integer in [low, high], else a usage error naming the range."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            upper = "" if high == MAX_INT_OPTION else f" and at most {high}"
+            raise argparse.ArgumentTypeError(f"must be at least {low}{upper}, got {text}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def float_range(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number in [low, high] (or (low, high] with ``low_open``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {'(' if low_open else '['}{low}, {high}], got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+#: ``--seed``: 0 <= seed < 2^63.
+seed_type = int_range(0, MAX_SEED)
+#: Counts of images, batches, tiles...: 1 <= n < 2^31.
+positive_int = int_range(1)
+#: Worker counts and other options where 0 means "none": 0 <= n < 2^31.
+nonnegative_int = int_range(0)
+#: Device types a model can run on (``meta`` has no data; others would fail in the middle of a run).
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def device_type(text: str) -> str:
+    """An argparse ``type`` for ``--device``: cpu, cuda, cuda:N, mps or xpu, and available on this machine."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (use one of {', '.join(DEVICE_TYPES)})") from None
+    if device.type not in DEVICE_TYPES:
+        raise argparse.ArgumentTypeError(f"cannot run on device {text!r} (use one of {', '.join(DEVICE_TYPES)})")
+    module = getattr(torch, device.type, None)
+    if device.type != "cpu" and not (module is not None and module.is_available()):
+        raise argparse.ArgumentTypeError(f"{text} requested but {device.type} is not available here")
+    if device.index is not None and device.type != "cpu" and device.index >= module.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: there are {module.device_count()} {device.type} device(s)")
+    return text
+
+
+def add_device_option(g: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--device``, validated by :func:`device_type`."""
+    g.add_argument("--device", type=device_type, default=None,
+                   help="torch device: cpu, cuda, cuda:N, mps, xpu (default: cuda if available, else cpu)")
+
+
+def add_seed_option(p: argparse.ArgumentParser, help: str = "seed of the generative decoder's noise") -> None:
+    """``--seed`` (default 0), validated by :data:`seed_type`."""
+    p.add_argument("--seed", type=seed_type, default=0, help=f"{help} (default 0; 0 to 2^63 - 1)")
+
+
+def add_max_pixels_option(p: argparse.ArgumentParser) -> None:
+    """``--max-pixels``: the largest image (input, resized or padded, or output) a command works on."""
+    from ..data import DEFAULT_MAX_PIXELS
+
+    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help=f"refuse images of more than N pixels: inputs (checked from the file header, before "
+                   f"decoding), and sizes after --size or padding (default {DEFAULT_MAX_PIXELS}, Pillow's "
+                   "decompression-bomb limit)")
+
+
+def apply_max_pixels(args: argparse.Namespace) -> None:
+    """Make ``--max-pixels`` the limit of :mod:`wetok.data` (image decoding) for this run."""
+    from ..data import set_max_pixels
+
+    if getattr(args, "max_pixels", None) is not None:
+        set_max_pixels(args.max_pixels)
 
 
 # ------------------------------------------------------------------------------------------------------ options
@@ -43,7 +146,7 @@ def add_model_options(p: argparse.ArgumentParser, *, speed: bool = True) -> None
     g.add_argument("--random-init", action="store_true",
                    help="use --model's configuration with random weights (seeded) instead of its trained weights")
     g.add_argument("--config", default=None, help="the official YAML config (or a preset name) of a .ckpt --model")
-    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_device_option(g)
     if not speed:
         g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model precision (default float32)")
         return
@@ -66,23 +169,25 @@ def add_run_options(p: argparse.ArgumentParser, *, tile: bool = True) -> None:
     """--quiet and, for image work, --tile."""
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, notes or summaries")
     if tile:
-        p.add_argument("--tile", type=int, default=None, metavar="PIXELS",
+        p.add_argument("--tile", type=int_range(0, 65536), default=None, metavar="PIXELS",
                        help=f"process in overlapping tiles of this many pixels to bound memory; 0 = never; "
                        f"default: tiles of {AUTO_TILE} for images over {AUTO_TILE_PIXELS} pixels")
 
 
 def add_image_options(p: argparse.ArgumentParser) -> None:
-    """--size and --pad-mode."""
-    p.add_argument("--size", type=int, default=None, metavar="S",
+    """--size, --pad-mode and --max-pixels."""
+    p.add_argument("--size", type=int_range(1, 65536), default=None, metavar="S",
                    help="resize so the short side is S pixels (bicubic) before encoding; default: keep the size")
     p.add_argument("--pad-mode", choices=PAD_MODES, default="replicate",
                    help="how images are padded to a multiple of f, split evenly between opposite sides (default "
                    "replicate: repeat the edge pixels; reflect: mirror; constant: mid-grey)")
+    add_max_pixels_option(p)
 
 
 def note(args: argparse.Namespace, message: str) -> None:
+    """A line on stderr (non-printable characters escaped), unless --quiet."""
     if not getattr(args, "quiet", False):
-        print(message, file=sys.stderr)
+        print(printable(message), file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------------------ model
@@ -159,6 +264,51 @@ class Item:
     name: str
 
 
+def _component_regex(component: str) -> str:
+    """One path component of a glob pattern -> a regex that never crosses "/" (``*``, ``?``, ``[...]``)."""
+    out, i = [], 0
+    while i < len(component):
+        c = component[i]
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and component.find("]", i + 2) > 0:
+            end = component.find("]", i + 2)  # a "]" right after "[" is a member of the set
+            body = component[i + 1:end].replace("\\", "\\\\")
+            out.append(f"[^{body[1:]}]" if body.startswith("!") else f"[{body}]")
+            i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+def glob_files(pattern: str, on_error: Callable[[OSError], object] | None = None) -> list[Path]:
+    """Files matching a glob pattern, sorted. ``**`` (any number of folders) is matched over
+    :func:`wetok.data.walk_files`, which follows symlinked folders but ends on symlink loops (the standard
+    library's recursive glob does not); patterns without ``**`` use :func:`glob.glob`. Hidden names never match."""
+    from ..data import walk_files
+
+    if "**" not in pattern:
+        return sorted(map(Path, glob.glob(pattern)))
+    parts = pattern.split("/")
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    base = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else ".")
+    rest = parts[first:]
+    regex = ""
+    for i, part in enumerate(rest):
+        last = i == len(rest) - 1
+        if part == "**":
+            regex += "(?:[^/]+/)*[^/]+" if last else "(?:[^/]+/)*"
+        else:
+            regex += _component_regex(part) + ("" if last else "/")
+    matcher = re.compile(regex)
+    if not os.path.isdir(base):
+        return []
+    return sorted(p for p in walk_files(base, on_error) if matcher.fullmatch(os.path.relpath(p, base)))
+
+
 def expand_inputs(specs: Sequence[str], kind: str, tags: Sequence[str] = ("",)) -> tuple[list[Item], list[str]]:
     """Files, directories (searched recursively) and glob patterns -> (items, error messages).
 
@@ -166,26 +316,34 @@ def expand_inputs(specs: Sequence[str], kind: str, tags: Sequence[str] = ("",)) 
     ``.wtok`` files). Explicitly named files are taken whatever their suffix, so decoding decides whether they
     are readable. Outputs of a directory's files keep their path relative to it; inputs whose output names would
     collide get distinct ones (:func:`distinct_names`; ``tags`` are the endings each item's outputs add).
+    Folders are walked by :func:`wetok.data.walk_files` (symlinks followed, loops ended); a sub-folder that cannot
+    be listed is one error message, and the other files are still taken.
     """
-    from ..data import find_images
+    from ..data import is_image_name, walk_files
 
     items: list[Item] = []
     errors: list[str] = []
     seen: set[Path] = set()
 
+    def unlistable(err: OSError) -> None:
+        errors.append(describe_error(err))
+
     def add(path: Path, name: str) -> None:
-        key = path.resolve()
+        try:
+            key = path.resolve()
+        except (OSError, RuntimeError):  # a symlink loop, an unsearchable folder: reported when it is read
+            key = path.absolute()
         if key not in seen:
             seen.add(key)
             items.append(Item(path, name))
 
     def add_dir(root: Path) -> None:
-        if kind == "image":
-            found = find_images(root)
-        else:
-            found = sorted(p for p in root.rglob("*") if p.suffix.lower() in TOKEN_SUFFIXES and p.is_file())
-            if not found:
-                raise InputError(root, f"no token files ({' '.join(TOKEN_SUFFIXES)}) under this folder")
+        keep = is_image_name if kind == "image" else lambda name: name.lower().endswith(TOKEN_SUFFIXES)
+        found = sorted((p for p in walk_files(root, unlistable) if keep(p.name)),
+                       key=lambda p: p.relative_to(root).as_posix())
+        if not found:
+            what = "image files" if kind == "image" else f"token files ({' '.join(TOKEN_SUFFIXES)})"
+            raise InputError(root, f"no {what} under this folder")
         for p in found:
             add(p, p.relative_to(root).with_suffix("").as_posix())
 
@@ -197,13 +355,13 @@ def expand_inputs(specs: Sequence[str], kind: str, tags: Sequence[str] = ("",)) 
             elif path.exists() or not glob.has_magic(spec):
                 add(path, path.stem)  # a missing file is reported when it is read
             else:
-                matches = sorted(glob.glob(spec, recursive=True))
+                matches = glob_files(spec, unlistable)
                 if not matches:
                     raise InputError(spec, "no file matches this pattern")
-                for m in map(Path, matches):
+                for m in matches:
                     add_dir(m) if m.is_dir() else add(m, m.stem)
-        except WetokError as err:
-            errors.append(str(err))
+        except Exception as err:  # noqa: BLE001  one bad input is one message; the others go on
+            errors.append(describe_error(err, spec))
     return distinct_names(items, tags), errors
 
 
@@ -265,31 +423,45 @@ def save_image(image: Image.Image, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------- batch runs
 def run_batch(args: argparse.Namespace, items: Sequence[Item], errors: list[str],
               work: Callable[[Item], None], unit: str = "image") -> int:
-    """Run ``work`` on every item with a progress bar; a bad item is recorded and the run goes on.
+    """Run ``work`` on every item with a progress bar; a failed item is reported and the run goes on.
 
-    Errors (the expansion ``errors`` plus every :class:`WetokError` raised by ``work``) are printed at the end, one
-    line each on stderr; the exit code is 2 if there was any, else 0.
+    The expansion ``errors``, then each item's failure (any exception: a :class:`WetokError`'s message, a
+    file-system error as "file: reason", anything else with its type), are printed as they happen, one line each
+    on stderr, followed by "N of M inputs failed" when there were several inputs; the exit code is 2 if anything
+    failed, else 0. Ctrl-C and SIGTERM stop the run.
     """
     from tqdm.auto import tqdm
 
     total = len(items) + len(errors)
-    errors = list(errors)
+    failed = 0
+
+    def report(message: str) -> None:
+        nonlocal failed
+        failed += 1
+        tqdm.write(f"wetok {args.command}: error: {printable(message)}", file=sys.stderr)
+
+    for message in errors:
+        report(message)
     for item in tqdm(items, desc=f"wetok {args.command}", unit=unit, disable=not show_progress(args)):
         try:
             work(item)
-        except WetokError as err:
-            errors.append(str(err))
-    for message in errors:
-        print(f"wetok {args.command}: error: {message}", file=sys.stderr)
-    if errors and total > 1 and not args.quiet:
-        print(f"wetok {args.command}: {len(errors)} of {total} inputs failed", file=sys.stderr)
-    return 2 if errors else 0
+        except Exception as err:  # noqa: BLE001  every per-input failure is one line, and the batch goes on
+            message = describe_error(err, item.path)
+            report(message if message.startswith(printable(item.path)) else f"{item.path}: {message}")
+    if failed and total > 1 and not args.quiet:
+        print(f"wetok {args.command}: {failed} of {total} inputs failed", file=sys.stderr)
+    return 2 if failed else 0
 
 
-def abs_error_map(a: Image.Image, b: Image.Image, vmax: float = 64.0) -> Image.Image:
-    """Mean absolute error over channels of two uint8 RGB images, coloured on [0, vmax] by :func:`colorize`."""
-    diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).mean(-1)
-    return Image.fromarray(colorize(np.clip(diff / vmax, 0, 1)))
+def abs_error_map(a: Image.Image, b: Image.Image, vmax: float = 64.0, rows: int = 256) -> Image.Image:
+    """Mean absolute error over channels of two uint8 RGB images, coloured on [0, vmax] by :func:`colorize`
+    (computed ``rows`` rows at a time, so memory stays bounded at any image size)."""
+    x, y = np.asarray(a), np.asarray(b)
+    out = np.empty(x.shape, dtype=np.uint8)
+    for start in range(0, x.shape[0], rows):
+        diff = np.abs(x[start:start + rows].astype(np.int16) - y[start:start + rows]).mean(-1)
+        out[start:start + rows] = colorize(np.clip(diff / vmax, 0, 1))
+    return Image.fromarray(out)
 
 
 def colorize(values: np.ndarray) -> np.ndarray:
