@@ -39,7 +39,7 @@ def _signals_held() -> Iterator[None]:
 
 def _write_error(path: Path, err: OSError) -> InputError:
     reason = (err.strerror or str(err) or type(err).__name__).lower()
-    other = err.filename is not None and not str(err.filename).startswith(str(path.parent))
+    other = err.filename is not None and not os.path.abspath(err.filename).startswith(os.path.abspath(path.parent))
     return InputError(path, f"cannot write: {reason}" + (f" ({err.filename})" if other else ""))
 
 

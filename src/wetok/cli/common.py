@@ -339,9 +339,10 @@ def expand_inputs(specs: Sequence[str], kind: str, tags: Sequence[str] = ("",)) 
 
     def add_dir(root: Path) -> None:
         keep = is_image_name if kind == "image" else lambda name: name.lower().endswith(TOKEN_SUFFIXES)
+        before = len(errors)
         found = sorted((p for p in walk_files(root, unlistable) if keep(p.name)),
                        key=lambda p: p.relative_to(root).as_posix())
-        if not found:
+        if not found and len(errors) == before:  # (an unlistable folder is already one message)
             what = "image files" if kind == "image" else f"token files ({' '.join(TOKEN_SUFFIXES)})"
             raise InputError(root, f"no {what} under this folder")
         for p in found:

@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"{__package__}.{name}").register(subparsers)
+    parser.set_defaults(_commands=subparsers.choices)
     return parser
 
 
@@ -82,7 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``wetok ARGV``. Exit codes: 0 done; 2 bad input or usage (one line per problem on stderr, plus
     ``N of M inputs failed`` for batches); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the subcommand's parser, whose --help lists what it takes
+        (args._commands.get(args.command) or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2
