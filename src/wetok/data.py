@@ -378,7 +378,7 @@ class ImageDataset(Dataset):
             image = self.transform(load_rgb(path))
         except Exception as err:  # noqa: BLE001  a bad file never stops an epoch, whatever it raises
             reason = err.reason if isinstance(err, InputError) else describe_error(err)
-            log.info("skipping unreadable image %s: %s", path, reason)
+            log.warning("skipping unreadable image %s: %s", path, reason)
             return BadImage(index=int(index), path=str(path), reason=reason)
         return {"image": image, "index": int(index), "path": str(path)}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -142,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise InputError(out, "is a folder; --out names the JSON report file")
     common.apply_max_pixels(args)
+    logging.getLogger("wetok.data").setLevel(logging.ERROR)  # bad images: one line each at the end, below
     names = parse_metrics(args.metrics)
     if (args.save_stats or args.ref_stats) and "fid" not in names:
         raise InputError("--save-stats/--ref-stats", "need the fid metric in --metrics")
