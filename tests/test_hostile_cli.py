@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hostile import DEFAULT_PEAK_MIB, run_wetok
+from hostile import DEFAULT_PEAK_MIB, assert_refused, run_wetok
 from wetok.cli import common
 from wetok.cli.main import main
 from wetok.data import find_images, walk_files
@@ -95,10 +95,9 @@ def test_a_forged_model_name_cannot_add_lines(tmp_path):
                     model=evil)
     save_tokens(tmp_path / "evil.json", tokens)
     result = run_wetok("decode", "evil.json", "-o", "out.png", *TINY, cwd=tmp_path)
-    (line,) = _errors(result, "decode")
-    assert result.returncode == 2 and len(result.lines) == 1
-    assert "\x1b" not in result.stderr and "evil\\nwetok decode: all good\\x1b[2K" in line
-    assert not (tmp_path / "out.png").exists()
+    assert_refused(result, contains=("evil.json: ", "evil\\nwetok decode: all good\\x1b[2K"),
+                   output=tmp_path / "out.png")
+    assert "\x1b" not in result.stderr
 
 
 # ------------------------------------------------------------------------------------------------ options (11)
@@ -176,10 +175,8 @@ def test_eval_reports_bad_images_one_line_each_and_exits_2(tmp_path):
 def test_max_pixels_option_limits_inputs(tmp_path):
     _image(tmp_path / "a.png")  # 40 x 48 = 1920 pixels
     result = run_wetok("encode", "a.png", "-o", "a.json", "--max-pixels", "1000", *TINY, cwd=tmp_path)
-    (line,) = _errors(result, "encode")
-    assert result.returncode == 2 and len(result.lines) == 1
+    line = assert_refused(result, output=tmp_path / "a.json")
     assert line == "wetok encode: error: a.png: image is 40 x 48 = 1920 pixels, over the limit of 1000 (--max-pixels)"
-    assert not (tmp_path / "a.json").exists()
 
 
 def test_psnr_and_error_map_in_chunks_match_the_whole_image_formulas():
@@ -228,8 +225,8 @@ def test_outputs_that_cannot_be_written_give_one_line(tmp_path):
     _image(tmp_path / "a.png")
     (tmp_path / "afile").write_text("not a folder")
     result = run_wetok("reconstruct", "a.png", "-o", "afile/out", *TINY, cwd=tmp_path)
-    (line,) = _errors(result, "reconstruct")
-    assert result.returncode == 2 and len(result.lines) == 1
+    line = assert_refused(result, output=tmp_path / "afile" / "out")
+    assert (tmp_path / "afile").read_text() == "not a folder"
     assert line == "wetok reconstruct: error: a.png: afile/out/a.png: cannot write: not a directory"
 
 
