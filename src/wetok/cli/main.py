@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 
 from ..errors import WetokError, describe_error, printable
-from .common import Parser
+from .options import Parser
 
 #: Modules in wetok.cli that each expose ``register(subparsers)``; their parsers set ``func=run``.
 COMMAND_MODULES: tuple[str, ...] = (
