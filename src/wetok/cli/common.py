@@ -252,9 +252,11 @@ def expand_inputs(specs: Sequence[str], kind: str, tags: Sequence[str] = ("",)) 
             items.append(Item(path, name))
 
     def add_dir(root: Path) -> None:
-        keep = is_image_name if kind == "image" else lambda name: name.lower().endswith(TOKEN_SUFFIXES)
+        def keep(p: Path) -> bool:  # (image readers refuse what is not a regular file themselves)
+            return is_image_name(p.name) if kind == "image" else p.name.lower().endswith(TOKEN_SUFFIXES) and p.is_file()
+
         before = len(errors)
-        found = sorted((p for p in walk_files(root, unlistable) if keep(p.name)),
+        found = sorted((p for p in walk_files(root, unlistable) if keep(p)),
                        key=lambda p: p.relative_to(root).as_posix())
         if not found and len(errors) == before:  # (an unlistable folder is already one message)
             what = "image files" if kind == "image" else f"token files ({' '.join(TOKEN_SUFFIXES)})"
