@@ -172,13 +172,6 @@ def test_eval_reports_bad_images_one_line_each_and_exits_2(tmp_path):
     assert skipped.returncode == 0 and len(_errors(skipped, "eval")) == 2
 
 
-def test_max_pixels_option_limits_inputs(tmp_path):
-    _image(tmp_path / "a.png")  # 40 x 48 = 1920 pixels
-    result = run_wetok("encode", "a.png", "-o", "a.json", "--max-pixels", "1000", *TINY, cwd=tmp_path)
-    line = assert_refused(result, output=tmp_path / "a.json")
-    assert line == "wetok encode: error: a.png: image is 40 x 48 = 1920 pixels, over the limit of 1000 (--max-pixels)"
-
-
 def test_psnr_and_error_map_in_chunks_match_the_whole_image_formulas():
     from skimage.metrics import peak_signal_noise_ratio
 
@@ -221,13 +214,18 @@ def test_encode_of_a_recursive_glob_through_a_loop_finishes(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- file system (7)
-def test_outputs_that_cannot_be_written_give_one_line(tmp_path):
-    _image(tmp_path / "a.png")
+def test_pixel_limit_and_unwritable_output_give_one_line_each(tmp_path):
+    _image(tmp_path / "a.png")  # 40 x 48 = 1920 pixels: over --max-pixels 1000
+    _image(tmp_path / "b.png", size=(16, 16))  # under it, but -o is inside a file
     (tmp_path / "afile").write_text("not a folder")
-    result = run_wetok("reconstruct", "a.png", "-o", "afile/out", *TINY, cwd=tmp_path)
-    line = assert_refused(result, output=tmp_path / "afile" / "out")
+    result = run_wetok("reconstruct", "a.png", "b.png", "-o", "afile/out", "--max-pixels", "1000", *TINY,
+                       cwd=tmp_path)
+    assert _errors(result, "reconstruct") == [
+        "wetok reconstruct: error: a.png: image is 40 x 48 = 1920 pixels, over the limit of 1000 (--max-pixels)",
+        "wetok reconstruct: error: b.png: afile/out/b.png: cannot write: not a directory",
+    ]
+    assert result.returncode == 2 and result.lines[-1] == "wetok reconstruct: 2 of 2 inputs failed"
     assert (tmp_path / "afile").read_text() == "not a folder"
-    assert line == "wetok reconstruct: error: a.png: afile/out/a.png: cannot write: not a directory"
 
 
 @pytest.mark.skipif(IS_ROOT, reason="root ignores file permissions")
