@@ -1,8 +1,9 @@
 """Reconstruction metrics (PSNR, SSIM, LPIPS, rFID) and codebook usage, with exact distributed aggregation.
 
-* PSNR / SSIM: scikit-image's ``peak_signal_noise_ratio(data_range=255)`` and
+* PSNR / SSIM: the values of scikit-image's ``peak_signal_noise_ratio(data_range=255)`` (computed by
+  :func:`psnr_uint8` with an exact integer squared error, in bounded memory) and
   ``structural_similarity(data_range=255, channel_axis=-1)`` (7x7 uniform window, K1 0.01, K2 0.03) on uint8 HWC
-  images, exactly as the official evaluation calls them. uint8 comes from **rounding**
+  images, as the official evaluation calls them. uint8 comes from **rounding**
   ``(x.clamp(-1, 1) + 1) * 127.5``; ``official_compat=True`` instead truncates ``((x + 1) / 2 * 255)`` in
   float32 for both images, as the official code does (which shifts 95 of the 256 ground-truth grey levels down
   by one). Identical images have infinite PSNR: they are counted (``psnr_inf``) and left out of the PSNR mean.
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from skimage.metrics import structural_similarity
 from torch import Tensor, nn
 from torchmetrics import Metric
 
@@ -115,8 +116,7 @@ def psnr_ssim(
     """Per-image PSNR (dB, +inf for identical images) and SSIM of (B, 3, H, W) [-1, 1] batches, float64."""
     rec = to_uint8_hwc(reconstruction, official_compat=official_compat)
     gt = to_uint8_hwc(target, official_compat=official_compat)
-    with np.errstate(divide="ignore"):
-        psnr = np.array([peak_signal_noise_ratio(g, r, data_range=255) for g, r in zip(gt, rec, strict=True)])
+    psnr = np.array([psnr_uint8(g, r) for g, r in zip(gt, rec, strict=True)])  # = skimage's, in bounded memory
     ssim_values = None
     if ssim:
         ssim_values = np.array(
