@@ -111,7 +111,7 @@ def test_a_forged_model_name_cannot_add_lines(tmp_path):
     (["eval", "data", "--out", "r.json", "--batch-size", "0"], "argument --batch-size: must be at least 1"),
     (["eval", "data", "--out", "r.json", "--limit", "1e3"], "argument --limit: expected an integer, got '1e3'"),
     (["reconstruct", "a.png", "-o", "r", "--tile", "-5"], "argument --tile: must be at least 0"),
-    (["encode", "a.png", "-o", "x.json", "--max-pixels", "0"], "argument --max-pixels: must be at least 1"),
+    (["encode", "a.png", "-o", "x.json", "--max-pixels", "-1"], "argument --max-pixels: must be at least 0"),
     (["encode", "a.png", "-o", "x.json", "--bogus"], "unrecognized arguments: --bogus"),
     (["encode"], "the following arguments are required"),
 ])
@@ -142,7 +142,7 @@ def test_image_bombs_strips_and_oversized_resizes_are_refused_from_the_header(tm
     lines = _errors(result, "reconstruct")
     assert result.returncode == 2 and "DecompressionBomb" not in result.stderr
     assert lines[0].startswith("wetok reconstruct: error: near_bomb.png: image is 9500 x 9500 = 90250000 pixels, "
-                               "over the limit of 89478485 (--max-pixels)")
+                               "over the limit of 89478485 (--max-pixels; 0 = no limit)")
     assert lines[1].startswith("wetok reconstruct: error: strip.png: --size: 4000 makes this 1 x 40000 image "
                                "4000 x 160000000 = 640000000000 pixels, over the limit")
     assert result.lines == [*lines, "wetok reconstruct: 2 of 2 inputs failed"]
@@ -221,7 +221,7 @@ def test_pixel_limit_and_unwritable_output_give_one_line_each(tmp_path):
     result = run_wetok("reconstruct", "a.png", "b.png", "-o", "afile/out", "--max-pixels", "1000", *TINY,
                        cwd=tmp_path)
     assert _errors(result, "reconstruct") == [
-        "wetok reconstruct: error: a.png: image is 40 x 48 = 1920 pixels, over the limit of 1000 (--max-pixels)",
+        "wetok reconstruct: error: a.png: image is 40 x 48 = 1920 pixels, over the limit of 1000 (--max-pixels; 0 = no limit)",
         "wetok reconstruct: error: b.png: afile/out/b.png: cannot write: not a directory",
     ]
     assert result.returncode == 2 and result.lines[-1] == "wetok reconstruct: 2 of 2 inputs failed"
@@ -291,3 +291,20 @@ def test_sigterm_while_saving_leaves_no_temporary_file(tmp_path):
     assert [line for line in stderr.splitlines() if "randomly initialised" not in line] == [
         "wetok reconstruct: terminated"]
     assert list(out.iterdir()) == []
+
+
+def test_pixel_limit_can_be_raised_or_removed(tmp_path):
+    from wetok.data import DEFAULT_MAX_PIXELS, load_rgb, max_pixels, set_max_pixels
+
+    Image.new("1", (60, 50)).save(tmp_path / "a.png")
+    try:
+        set_max_pixels(2999)
+        with pytest.raises(InputError, match=r"a.png: image is 60 x 50 = 3000 pixels, over the limit of 2999"):
+            load_rgb(tmp_path / "a.png")
+        set_max_pixels(0)
+        assert max_pixels() is None and Image.MAX_IMAGE_PIXELS is None and load_rgb(tmp_path / "a.png").size == (60, 50)
+        set_max_pixels(3 * DEFAULT_MAX_PIXELS)
+        assert Image.MAX_IMAGE_PIXELS == 3 * DEFAULT_MAX_PIXELS  # Pillow's own check would refuse between 2x and 3x
+    finally:
+        set_max_pixels(DEFAULT_MAX_PIXELS)
+    assert max_pixels() == DEFAULT_MAX_PIXELS and Image.MAX_IMAGE_PIXELS == DEFAULT_MAX_PIXELS

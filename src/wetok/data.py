@@ -75,32 +75,37 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 
 #: Images with more pixels than this are refused (Pillow's decompression-bomb warning threshold, 2^30 / 4 / 3).
 DEFAULT_MAX_PIXELS = 89_478_485
-_max_pixels = DEFAULT_MAX_PIXELS
+_max_pixels: int | None = DEFAULT_MAX_PIXELS
+_PILLOW_LIMIT = Image.MAX_IMAGE_PIXELS
 
 
-def max_pixels() -> int:
-    """The current image size limit in pixels (:func:`set_max_pixels`; default :data:`DEFAULT_MAX_PIXELS`)."""
+def max_pixels() -> int | None:
+    """The current image size limit in pixels, None for none (:func:`set_max_pixels`; default
+    :data:`DEFAULT_MAX_PIXELS`)."""
     return _max_pixels
 
 
-def set_max_pixels(limit: int) -> None:
-    """Refuse images of more than ``limit`` pixels from now on: files (checked from their header, before decoding
-    them) and the sizes that resizing or padding would produce (:func:`check_pixels`). The ``wetok`` commands'
-    ``--max-pixels``. Pillow's own decompression-bomb limit is raised to match when ``limit`` is above it."""
+def set_max_pixels(limit: int | None) -> None:
+    """Refuse images of more than ``limit`` pixels from now on (None or 0: no limit): files (checked from their
+    header, before decoding them) and the sizes that resizing or padding would produce (:func:`check_pixels`).
+    The ``wetok`` commands' ``--max-pixels``. Pillow's own decompression-bomb limit follows: raised to ``limit``
+    when that is larger, off with no limit."""
     global _max_pixels
-    if limit < 1:
-        raise ValueError(f"the pixel limit must be positive, got {limit}")
-    _max_pixels = int(limit)
-    if Image.MAX_IMAGE_PIXELS is not None and 2 * Image.MAX_IMAGE_PIXELS < limit:
-        Image.MAX_IMAGE_PIXELS = limit
+    if limit is not None and limit < 0:
+        raise ValueError(f"the pixel limit must be positive (or 0 = none), got {limit}")
+    _max_pixels = int(limit) if limit else None
+    if _max_pixels is None or _PILLOW_LIMIT is None:
+        Image.MAX_IMAGE_PIXELS = None
+    else:
+        Image.MAX_IMAGE_PIXELS = max(_PILLOW_LIMIT, _max_pixels)
 
 
 def check_pixels(name: object, height: int, width: int, what: str = "image is") -> None:
     """Raise :class:`InputError` naming ``name`` if ``height`` x ``width`` is over :func:`max_pixels`; the reason
     reads "{what} W x H = N pixels, over the limit of M (--max-pixels)"."""
-    if height * width > _max_pixels:
+    if _max_pixels is not None and height * width > _max_pixels:
         raise InputError(name, f"{what} {width} x {height} = {height * width} pixels, over the limit of "
-                               f"{_max_pixels} (--max-pixels)")
+                               f"{_max_pixels} (--max-pixels; 0 = no limit)")
 
 
 # ------------------------------------------------------------------------------------------------ listing files

@@ -98,18 +98,18 @@ def add_seed_option(p: argparse.ArgumentParser, help: str = "seed of the generat
 
 
 def add_max_pixels_option(p: argparse.ArgumentParser) -> None:
-    """``--max-pixels``: the largest image (input, resized or padded, or output) a command works on."""
+    """``--max-pixels``: the largest image (input, resized or padded, or output) a command works on; 0 = none."""
     from ..data import DEFAULT_MAX_PIXELS
 
-    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
+    p.add_argument("--max-pixels", type=nonnegative_int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"refuse images of more than N pixels: inputs (checked from the file header, before "
                    f"decoding), and sizes after --size or padding (default {DEFAULT_MAX_PIXELS}, Pillow's "
-                   "decompression-bomb limit)")
+                   "decompression-bomb limit; 0 = no limit)")
 
 
 def apply_max_pixels(args: argparse.Namespace) -> None:
     """Make ``--max-pixels`` the limit of :mod:`wetok.data` (image decoding) for this run."""
     from ..data import set_max_pixels
 
-    if getattr(args, "max_pixels", None) is not None:
+    if hasattr(args, "max_pixels"):
         set_max_pixels(args.max_pixels)
