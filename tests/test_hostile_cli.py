@@ -240,10 +240,10 @@ def test_permission_errors_give_one_line_per_input(tmp_path):
     readonly.chmod(0o555)
     try:
         result = run_wetok("encode", "a.png", "locked/b.png", "locked", "-o", "ro", *TINY, cwd=tmp_path)
-        assert _errors(result, "encode") == [
+        assert _errors(result, "encode") == [  # the inputs that cannot be listed, then the runs
+            "wetok encode: error: locked/b.png: permission denied",
             "wetok encode: error: locked: permission denied",
             "wetok encode: error: a.png: ro/a.json: cannot write: permission denied",
-            "wetok encode: error: locked/b.png: permission denied",
         ]
         assert result.lines[-1] == "wetok encode: 3 of 3 inputs failed" and result.returncode == 2
         report = run_wetok("eval", "locked", "--out", "r.json", "--metrics", "psnr", *TINY, cwd=tmp_path)
