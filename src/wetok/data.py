@@ -17,7 +17,8 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,10 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .errors import InputError
+from .errors import InputError, describe_error
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "BadImage",
     "ImageDataset",
@@ -39,11 +41,17 @@ __all__ = [
     "eval_transform",
     "find_images",
     "folder_labels",
+    "is_image_name",
     "load_rgb",
+    "max_pixels",
+    "check_pixels",
+    "set_max_pixels",
+    "short_side_resize_check",
     "to_model_range",
     "to_rgb",
     "to_tensor_transform",
     "train_transform",
+    "walk_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -65,38 +73,104 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 )
 
 
+#: Images with more pixels than this are refused (Pillow's decompression-bomb warning threshold, 2^30 / 4 / 3).
+DEFAULT_MAX_PIXELS = 89_478_485
+_max_pixels: int | None = DEFAULT_MAX_PIXELS
+_PILLOW_LIMIT = Image.MAX_IMAGE_PIXELS
+
+
+def max_pixels() -> int | None:
+    """The current image size limit in pixels, None for none (:func:`set_max_pixels`; default
+    :data:`DEFAULT_MAX_PIXELS`)."""
+    return _max_pixels
+
+
+def set_max_pixels(limit: int | None) -> None:
+    """Refuse images of more than ``limit`` pixels from now on (None or 0: no limit): files (checked from their
+    header, before decoding them) and the sizes that resizing or padding would produce (:func:`check_pixels`).
+    The ``wetok`` commands' ``--max-pixels``. Pillow's own decompression-bomb limit follows: raised to ``limit``
+    when that is larger, off with no limit."""
+    global _max_pixels
+    if limit is not None and limit < 0:
+        raise ValueError(f"the pixel limit must be positive (or 0 = none), got {limit}")
+    _max_pixels = int(limit) if limit else None
+    if _max_pixels is None or _PILLOW_LIMIT is None:
+        Image.MAX_IMAGE_PIXELS = None
+    else:
+        Image.MAX_IMAGE_PIXELS = max(_PILLOW_LIMIT, _max_pixels)
+
+
+def check_pixels(name: object, height: int, width: int, what: str = "image is") -> None:
+    """Raise :class:`InputError` naming ``name`` if ``height`` x ``width`` is over :func:`max_pixels`; the reason
+    reads "{what} W x H = N pixels, over the limit of M (--max-pixels)"."""
+    if _max_pixels is not None and height * width > _max_pixels:
+        raise InputError(name, f"{what} {width} x {height} = {height * width} pixels, over the limit of "
+                               f"{_max_pixels} (--max-pixels; 0 = no limit)")
+
+
 # ------------------------------------------------------------------------------------------------ listing files
-def _is_image_name(name: str) -> bool:
+def is_image_name(name: str) -> bool:
+    """Whether a file name has an image ending (and is not hidden)."""
     # Names starting with "." are skipped: macOS "._x.jpg" resource forks are not images.
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _raise(err: OSError) -> None:
+    raise InputError(err.filename, f"cannot list this folder: {(err.strerror or str(err)).lower()}")
+
+
+def walk_files(root: str | Path, on_error: Callable[[OSError], object] | None = None) -> Iterator[Path]:
+    """Every file under the folder ``root``, following symlinked folders (ImageNet copies are often links) but
+    entering no folder twice, so symlink loops end. Hidden files and folders (names starting with ".") are
+    skipped. Order: folder by folder, unsorted. A folder that cannot be listed calls ``on_error(OSError)``
+    (default: raise :class:`InputError` naming it).
+
+    Written here because :func:`os.walk` with ``followlinks`` and :func:`glob.glob` with ``**`` both loop forever
+    on a link to a parent folder.
+    """
+    on_error = on_error or _raise
+    seen: set[tuple[int, int]] = set()
+
+    def enter(folder: str) -> bool:
+        try:
+            st = os.stat(folder)
+        except OSError as err:
+            on_error(err)
+            return False
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    if not enter(str(root)):
+        return
+    for folder, dirs, files in os.walk(root, followlinks=True, onerror=on_error):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and enter(os.path.join(folder, d)))
+        yield from (Path(folder) / name for name in files if not name.startswith("."))
 
 
 def find_images(root: str | Path, *, recursive: bool = True) -> list[Path]:
     """Image files under ``root`` (or ``root`` itself if it is an image file), sorted by relative path.
 
-    Recursion follows symlinked folders (ImageNet copies are often links) but never visits a folder twice.
-    Raises :class:`InputError` if ``root`` does not exist or holds no image file.
+    Recursion follows symlinked folders (ImageNet copies are often links) but never visits a folder twice
+    (:func:`walk_files`). Raises :class:`InputError` if ``root`` does not exist, cannot be read, or holds no image
+    file.
     """
     root = Path(root)
-    if not root.exists():
-        raise InputError(root, "does not exist")
-    if root.is_file():
-        if not _is_image_name(root.name):
-            raise InputError(root, f"not an image file (known endings: {' '.join(IMAGE_EXTENSIONS)})")
-        return [root]
-    found: list[Path] = []
-    if recursive:
-        seen: set[str] = set()
-        for folder, dirs, files in os.walk(root, followlinks=True):
-            real = os.path.realpath(folder)
-            if real in seen:
-                dirs[:] = []
-                continue
-            seen.add(real)
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            found.extend(Path(folder) / name for name in files if _is_image_name(name))
-    else:
-        found = [p for p in root.iterdir() if p.is_file() and _is_image_name(p.name)]
+    try:
+        if not root.exists():
+            raise InputError(root, "does not exist")
+        if root.is_file():
+            if not is_image_name(root.name):
+                raise InputError(root, f"not an image file (known endings: {' '.join(IMAGE_EXTENSIONS)})")
+            return [root]
+        if recursive:
+            found = [p for p in walk_files(root) if is_image_name(p.name)]
+        else:
+            found = [p for p in root.iterdir() if p.is_file() and is_image_name(p.name)]
+    except OSError as err:
+        raise InputError(root, (err.strerror or str(err)).lower()) from err
     if not found:
         where = "under" if recursive else "directly in"
         raise InputError(
@@ -137,7 +211,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode == "RGB":
         return image
     if mode == "I" or mode.startswith("I;16"):
-        array = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+        # float32 is exact enough: x * 255 / 65535 = x / 257 is never within 0.002 of a rounding boundary.
+        array = np.asarray(image, dtype=np.float32) * np.float32(255.0 / 65535.0)
         return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L").convert("RGB")
     if mode == "F":
         array = np.asarray(image, dtype=np.float64) * 255.0
@@ -152,8 +227,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def load_rgb(path: str | Path) -> Image.Image:
     """Decode an image file to an RGB PIL image, applying its EXIF orientation (see :func:`decode_image`)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "does not exist" if not path.exists() else "is not a file")
+    try:
+        if not path.is_file():
+            raise InputError(path, "does not exist" if not path.exists() else "is not a file")
+    except OSError as err:
+        raise InputError(path, (err.strerror or str(err)).lower()) from err
     return decode_image(path)
 
 
@@ -161,20 +239,30 @@ def decode_image(source: str | Path | bytes, name: str | Path | None = None) -> 
     """Decode an image file, or its bytes, to an RGB PIL image, applying its EXIF orientation.
 
     Raises :class:`InputError` naming ``name`` (default: the path, or "<bytes>") if it is not an image, corrupt,
-    truncated, or larger than Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, left at its
-    default here). Animated images give their first frame. See :func:`to_rgb` for how other modes become RGB.
+    truncated, or has more pixels than :func:`max_pixels` (checked from the header, before decoding; the default
+    is Pillow's decompression-bomb threshold). Animated images give their first frame. See :func:`to_rgb` for how
+    other modes become RGB.
     """
     if isinstance(source, bytes):
         name, source = name or "<bytes>", io.BytesIO(source)
     else:
         name = name or source
     try:
-        with Image.open(source) as opened:
-            opened.load()
-            image = ImageOps.exif_transpose(opened)
-            return to_rgb(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
+            with Image.open(source) as opened:
+                check_pixels(name, opened.height, opened.width)
+                opened.load()
+                image = ImageOps.exif_transpose(opened)
+                return to_rgb(image)
+    except InputError:
+        raise
     except Image.DecompressionBombError as err:
         raise InputError(name, f"image too large to decode safely ({err})") from err
+    except OSError as err:
+        if isinstance(source, Path | str) and err.filename is not None:  # the file itself, not its content
+            raise InputError(name, (err.strerror or str(err)).lower()) from err
+        raise InputError(name, f"cannot decode image: {err or type(err).__name__}") from err
     except Exception as err:  # noqa: BLE001  Pillow plugins raise many types on corrupt data; all mean "unreadable"
         reason = str(err) or type(err).__name__
         raise InputError(name, f"cannot decode image: {reason}") from err
@@ -199,6 +287,18 @@ def _v2():
     return v2, InterpolationMode
 
 
+def short_side_resize_check(size: int) -> Callable[[Image.Image], Image.Image]:
+    """A transform step that lets an image through unchanged, or raises :class:`InputError` if resizing its short
+    side to ``size`` would give more than :func:`max_pixels` pixels (a 1 x 40000 strip: 256 x 10 million)."""
+    def check(image: Image.Image) -> Image.Image:
+        short, long = sorted(image.size)
+        what = f"with its short side resized to {size}, this {image.width} x {image.height} image would be"
+        check_pixels("image", size, size * long // max(short, 1), what)
+        return image
+
+    return check
+
+
 def to_tensor_transform() -> Callable[[Image.Image], Tensor]:
     """PIL RGB image -> float (3, H, W) in [-1, 1], no resizing (the ``original`` evaluation protocol)."""
     v2, _ = _v2()
@@ -214,6 +314,7 @@ def eval_transform(size: int) -> Callable[[Image.Image], Tensor]:
     v2, InterpolationMode = _v2()
     return v2.Compose(
         [
+            short_side_resize_check(size),
             v2.Resize(size, interpolation=InterpolationMode.BILINEAR, antialias=True),
             v2.CenterCrop(size),
             v2.PILToTensor(),
@@ -229,6 +330,7 @@ def train_transform(size: int, *, hflip: bool = False) -> Callable[[Image.Image]
     """
     v2, InterpolationMode = _v2()
     steps: list[Callable] = [
+        short_side_resize_check(size),
         v2.Resize(size, interpolation=InterpolationMode.BILINEAR, antialias=True),
         v2.RandomCrop(size),
     ]
@@ -278,11 +380,12 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any] | BadImage:
         path = self.paths[index]
         try:
-            image = load_rgb(path)
-        except InputError as err:
-            log.warning("skipping unreadable image %s", err)
-            return BadImage(index=int(index), path=str(path), reason=err.reason)
-        return {"image": self.transform(image), "index": int(index), "path": str(path)}
+            image = self.transform(load_rgb(path))
+        except Exception as err:  # noqa: BLE001  a bad file never stops an epoch, whatever it raises
+            reason = err.reason if isinstance(err, InputError) else describe_error(err)
+            log.warning("skipping unreadable image %s: %s", path, reason)
+            return BadImage(index=int(index), path=str(path), reason=reason)
+        return {"image": image, "index": int(index), "path": str(path)}
 
 
 def collate_skip_bad(items: Sequence[dict[str, Any] | BadImage]) -> dict[str, Any]:

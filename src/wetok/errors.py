@@ -22,3 +22,32 @@ class ModelMismatchError(WetokError):
 
 class CheckpointError(WetokError):
     """A checkpoint or config that cannot be loaded (missing / unexpected keys, wrong shapes, bad config)."""
+
+
+def printable(text: object) -> str:
+    """``text`` with every non-printable character escaped as in a Python literal (``\\n``, ``\\r``, ``\\x1b``,
+    ``\\u202e``), so that names read from files (model names, paths) cannot forge extra lines or terminal escapes
+    in a message. Ordinary spaces and printable non-ASCII characters are kept."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def describe_error(err: BaseException, what: object = None) -> str:
+    """One line for an exception raised while working on ``what`` (a file name, or None): the message of a
+    :class:`WetokError`; for file-system errors the file and the operating system's reason ("x.png: permission
+    denied"); otherwise the exception type and message. Non-printable characters are escaped (:func:`printable`)."""
+    if isinstance(err, WetokError):
+        return printable(err)
+    if isinstance(err, OSError) and err.strerror:
+        name = err.filename if err.filename is not None else what
+        reason = err.strerror[0].lower() + err.strerror[1:]
+        return printable(f"{name}: {reason}" if name is not None else reason)
+    if isinstance(err, MemoryError):
+        reason = "out of memory" + (f" ({err})" if str(err) else "")
+    elif isinstance(err, RecursionError):
+        reason = "too deeply nested to process"
+    else:
+        reason = f"unexpected {type(err).__name__}" + (f": {err}" if str(err) else "")
+    return printable(f"{what}: {reason}" if what is not None else reason)

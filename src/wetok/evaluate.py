@@ -35,7 +35,14 @@ from torch.utils.data import DataLoader
 
 from ._distributed import rank_and_world
 from .autoencoder import draw_noise
-from .data import ImageDataset, collate_skip_bad, eval_transform, find_images, to_tensor_transform
+from .data import (
+    ImageDataset,
+    check_pixels,
+    collate_skip_bad,
+    eval_transform,
+    find_images,
+    to_tensor_transform,
+)
 from .errors import InputError
 from .fid import InceptionFeatures, frechet_distance, load_reference_stats
 from .image import PAD_MODES, pad_to_multiple, unpad
@@ -95,6 +102,19 @@ def _paths(
             raise ValueError(f"limit must be positive, got {limit}")
         paths = paths[:limit]
     return paths, where
+
+
+class _PaddedSizeCheck:
+    """The ``original`` protocol's transform, refusing (:class:`InputError`) images whose padding to a multiple of
+    f would exceed :func:`wetok.data.max_pixels` (a 1 x 80 million strip pads to 16 x 80 million)."""
+
+    def __init__(self, f: int) -> None:
+        self.f, self.transform = f, to_tensor_transform()
+
+    def __call__(self, image: Any) -> Tensor:
+        f, h, w = self.f, image.height, image.width
+        check_pixels("image", h + (-h) % f, w + (-w) % f, f"padded to a multiple of {f}, it is")
+        return self.transform(image)
 
 
 @torch.no_grad()
@@ -160,7 +180,7 @@ def evaluate(
     paths, where = _paths(data, limit)
     if protocol == "original":
         batch_size = 1
-    transform = eval_transform(CROP_SIZE) if protocol == "crop256" else to_tensor_transform()
+    transform = eval_transform(CROP_SIZE) if protocol == "crop256" else _PaddedSizeCheck(model.downsample_factor)
     dataset = ImageDataset(paths, transform=transform)
     loader = DataLoader(
         dataset,

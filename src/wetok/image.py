@@ -14,14 +14,23 @@ from torch import Tensor
 PAD_MODES = ("replicate", "reflect", "constant")
 
 
+#: Rows converted at a time, so converting a large image needs a few MB besides its result.
+_ROWS = 256
+
+
 def pil_to_tensor(image: Image.Image) -> Tensor:
     """A PIL image (converted to RGB) -> float32 (3, H, W) in [-1, 1].
 
     Computed as uint8 / 127.5 - 1 in float64 and then rounded to float32, like the official data loader, so the
-    official truncating uint8 conversion sees exactly the same values.
+    official truncating uint8 conversion sees exactly the same values (a few rows at a time: memory stays near
+    the size of the result).
     """
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return (torch.from_numpy(array.copy()).permute(2, 0, 1).double() / 127.5 - 1.0).float().contiguous()
+    out = torch.empty((3, *array.shape[:2]), dtype=torch.float32)
+    for start in range(0, array.shape[0], _ROWS):
+        rows = torch.from_numpy(array[start:start + _ROWS].copy()).permute(2, 0, 1)
+        out[:, start:start + _ROWS] = rows.double() / 127.5 - 1.0
+    return out
 
 
 def to_uint8(images: Tensor) -> Tensor:
@@ -30,12 +39,15 @@ def to_uint8(images: Tensor) -> Tensor:
 
 
 def tensor_to_pil(image: Tensor) -> Image.Image:
-    """Float (3, H, W) in [-1, 1] (or (1, 3, H, W)) -> an RGB PIL image, rounded to uint8."""
+    """Float (3, H, W) in [-1, 1] (or (1, 3, H, W)) -> an RGB PIL image, rounded to uint8 (a few rows at a time)."""
     if image.dim() == 4:
         if image.shape[0] != 1:
             raise ValueError("tensor_to_pil takes one image; index the batch first")
         image = image[0]
-    return Image.fromarray(to_uint8(image).permute(1, 2, 0).cpu().numpy(), mode="RGB")
+    out = np.empty((*image.shape[1:], 3), dtype=np.uint8)
+    for start in range(0, image.shape[1], _ROWS):
+        out[start:start + _ROWS] = to_uint8(image[:, start:start + _ROWS]).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(out, mode="RGB")
 
 
 def pad_to_multiple(images: Tensor, multiple: int, mode: str = "replicate") -> tuple[Tensor, tuple[int, int, int, int]]:

@@ -35,7 +35,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from .data import load_rgb, to_rgb
+from .data import check_pixels, load_rgb, to_rgb
 from .errors import InputError
 from .image import pad_to_multiple, pil_to_tensor, tensor_to_pil, unpad
 from .model import WeTok
@@ -155,15 +155,21 @@ class Prepared:
 
 
 def prepare_image(image: Image.Image, f: int, size: int | None = None, pad_mode: str = "replicate") -> Prepared:
-    """Resize the short side to ``size`` (if given, bicubic), convert to [-1, 1] and pad to a multiple of ``f``."""
+    """Resize the short side to ``size`` (if given, bicubic), convert to [-1, 1] and pad to a multiple of ``f``.
+
+    Sizes over :func:`wetok.data.max_pixels` (after the resize, and after padding) raise :class:`InputError`
+    before anything is allocated."""
     original = (image.height, image.width)
     if size is not None:
         if size < 1:
             raise InputError("--size", f"must be a positive number of pixels, got {size}")
         scale = size / min(original)
         new = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        check_pixels("--size", new[1], new[0], f"{size} makes this {image.width} x {image.height} image")
         if new != image.size:
             image = image.resize(new, Image.Resampling.BICUBIC)
+    height, width = image.height, image.width
+    check_pixels("image", height + (-height) % f, width + (-width) % f, f"padded to a multiple of {f}, it is")
     pixels, padding = pad_to_multiple(pil_to_tensor(image)[None], f, pad_mode)
     return Prepared(pixels.contiguous(), tuple(int(p) for p in padding), original)
 
@@ -268,8 +274,11 @@ def decode(model: WeTok, tokens: Tokens | Sequence[Tokens], *, tile: int | None 
     """
     records = [tokens] if isinstance(tokens, Tokens) else list(tokens)
     out: list[Image.Image] = []
+    f = model.downsample_factor
     for i, record in enumerate(records):
         check_model(f"tokens {i}", record, model)
+        check_pixels(f"tokens {i}", record.indices.shape[1] * f, record.indices.shape[2] * f, "decoded at")
+        check_pixels(f"tokens {i}", *record.original_size, "the original size is")
         pixels = decode_indices(model, record.indices, tile, seed, progress)
         out += [finish_image(pixels[b : b + 1], record.padding, record.original_size) for b in range(len(pixels))]
     return out

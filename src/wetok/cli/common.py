@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -21,12 +22,28 @@ from PIL import Image
 
 from .._files import atomic_write
 from ..config import WeTokConfig
-from ..errors import InputError, WetokError
+from ..errors import InputError, describe_error, printable
 from ..fast import DTYPES
 from ..image import PAD_MODES
 from ..model import WeTok
 from ..pipeline import AUTO_TILE, AUTO_TILE_PIXELS
 from .models import FALLBACK_MODEL  # noqa: F401  (re-exported: used when there is no bundled model)
+from .options import (  # noqa: F401  (re-exported: the commands' option types)
+    DEVICE_TYPES,
+    MAX_INT_OPTION,
+    MAX_SEED,
+    Parser,
+    add_device_option,
+    add_max_pixels_option,
+    add_seed_option,
+    apply_max_pixels,
+    device_type,
+    float_range,
+    int_range,
+    nonnegative_int,
+    positive_int,
+    seed_type,
+)
 
 TOKEN_SUFFIXES = (".json", ".wtok")
 IMAGE_OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -43,7 +60,7 @@ def add_model_options(p: argparse.ArgumentParser, *, speed: bool = True) -> None
     g.add_argument("--random-init", action="store_true",
                    help="use --model's configuration with random weights (seeded) instead of its trained weights")
     g.add_argument("--config", default=None, help="the official YAML config (or a preset name) of a .ckpt --model")
-    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_device_option(g)
     if not speed:
         g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model precision (default float32)")
         return
@@ -66,23 +83,25 @@ def add_run_options(p: argparse.ArgumentParser, *, tile: bool = True) -> None:
     """--quiet and, for image work, --tile."""
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, notes or summaries")
     if tile:
-        p.add_argument("--tile", type=int, default=None, metavar="PIXELS",
+        p.add_argument("--tile", type=int_range(0, 65536), default=None, metavar="PIXELS",
                        help=f"process in overlapping tiles of this many pixels to bound memory; 0 = never; "
                        f"default: tiles of {AUTO_TILE} for images over {AUTO_TILE_PIXELS} pixels")
 
 
 def add_image_options(p: argparse.ArgumentParser) -> None:
-    """--size and --pad-mode."""
-    p.add_argument("--size", type=int, default=None, metavar="S",
+    """--size, --pad-mode and --max-pixels."""
+    p.add_argument("--size", type=int_range(1, 65536), default=None, metavar="S",
                    help="resize so the short side is S pixels (bicubic) before encoding; default: keep the size")
     p.add_argument("--pad-mode", choices=PAD_MODES, default="replicate",
                    help="how images are padded to a multiple of f, split evenly between opposite sides (default "
                    "replicate: repeat the edge pixels; reflect: mirror; constant: mid-grey)")
+    add_max_pixels_option(p)
 
 
 def note(args: argparse.Namespace, message: str) -> None:
+    """A line on stderr (non-printable characters escaped), unless --quiet."""
     if not getattr(args, "quiet", False):
-        print(message, file=sys.stderr)
+        print(printable(message), file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------------------ model
@@ -159,6 +178,51 @@ class Item:
     name: str
 
 
+def _component_regex(component: str) -> str:
+    """One path component of a glob pattern -> a regex that never crosses "/" (``*``, ``?``, ``[...]``)."""
+    out, i = [], 0
+    while i < len(component):
+        c = component[i]
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and component.find("]", i + 2) > 0:
+            end = component.find("]", i + 2)  # a "]" right after "[" is a member of the set
+            body = component[i + 1:end].replace("\\", "\\\\")
+            out.append(f"[^{body[1:]}]" if body.startswith("!") else f"[{body}]")
+            i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+def glob_files(pattern: str, on_error: Callable[[OSError], object] | None = None) -> list[Path]:
+    """Files matching a glob pattern, sorted. ``**`` (any number of folders) is matched over
+    :func:`wetok.data.walk_files`, which follows symlinked folders but ends on symlink loops (the standard
+    library's recursive glob does not); patterns without ``**`` use :func:`glob.glob`. Hidden names never match."""
+    from ..data import walk_files
+
+    if "**" not in pattern:
+        return sorted(map(Path, glob.glob(pattern)))
+    parts = pattern.split("/")
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    base = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else ".")
+    rest = parts[first:]
+    regex = ""
+    for i, part in enumerate(rest):
+        last = i == len(rest) - 1
+        if part == "**":
+            regex += "(?:[^/]+/)*[^/]+" if last else "(?:[^/]+/)*"
+        else:
+            regex += _component_regex(part) + ("" if last else "/")
+    matcher = re.compile(regex)
+    if not os.path.isdir(base):
+        return []
+    return sorted(p for p in walk_files(base, on_error) if matcher.fullmatch(os.path.relpath(p, base)))
+
+
 def expand_inputs(specs: Sequence[str], kind: str, tags: Sequence[str] = ("",)) -> tuple[list[Item], list[str]]:
     """Files, directories (searched recursively) and glob patterns -> (items, error messages).
 
@@ -166,26 +230,37 @@ def expand_inputs(specs: Sequence[str], kind: str, tags: Sequence[str] = ("",)) 
     ``.wtok`` files). Explicitly named files are taken whatever their suffix, so decoding decides whether they
     are readable. Outputs of a directory's files keep their path relative to it; inputs whose output names would
     collide get distinct ones (:func:`distinct_names`; ``tags`` are the endings each item's outputs add).
+    Folders are walked by :func:`wetok.data.walk_files` (symlinks followed, loops ended); a sub-folder that cannot
+    be listed is one error message, and the other files are still taken.
     """
-    from ..data import find_images
+    from ..data import is_image_name, walk_files
 
     items: list[Item] = []
     errors: list[str] = []
     seen: set[Path] = set()
 
+    def unlistable(err: OSError) -> None:
+        errors.append(describe_error(err))
+
     def add(path: Path, name: str) -> None:
-        key = path.resolve()
+        try:
+            key = path.resolve()
+        except (OSError, RuntimeError):  # a symlink loop, an unsearchable folder: reported when it is read
+            key = path.absolute()
         if key not in seen:
             seen.add(key)
             items.append(Item(path, name))
 
     def add_dir(root: Path) -> None:
-        if kind == "image":
-            found = find_images(root)
-        else:
-            found = sorted(p for p in root.rglob("*") if p.suffix.lower() in TOKEN_SUFFIXES and p.is_file())
-            if not found:
-                raise InputError(root, f"no token files ({' '.join(TOKEN_SUFFIXES)}) under this folder")
+        def keep(p: Path) -> bool:  # (image readers refuse what is not a regular file themselves)
+            return is_image_name(p.name) if kind == "image" else p.name.lower().endswith(TOKEN_SUFFIXES) and p.is_file()
+
+        before = len(errors)
+        found = sorted((p for p in walk_files(root, unlistable) if keep(p)),
+                       key=lambda p: p.relative_to(root).as_posix())
+        if not found and len(errors) == before:  # (an unlistable folder is already one message)
+            what = "image files" if kind == "image" else f"token files ({' '.join(TOKEN_SUFFIXES)})"
+            raise InputError(root, f"no {what} under this folder")
         for p in found:
             add(p, p.relative_to(root).with_suffix("").as_posix())
 
@@ -197,13 +272,13 @@ def expand_inputs(specs: Sequence[str], kind: str, tags: Sequence[str] = ("",)) 
             elif path.exists() or not glob.has_magic(spec):
                 add(path, path.stem)  # a missing file is reported when it is read
             else:
-                matches = sorted(glob.glob(spec, recursive=True))
+                matches = glob_files(spec, unlistable)
                 if not matches:
                     raise InputError(spec, "no file matches this pattern")
-                for m in map(Path, matches):
+                for m in matches:
                     add_dir(m) if m.is_dir() else add(m, m.stem)
-        except WetokError as err:
-            errors.append(str(err))
+        except Exception as err:  # noqa: BLE001  one bad input is one message; the others go on
+            errors.append(describe_error(err, spec))
     return distinct_names(items, tags), errors
 
 
@@ -265,31 +340,45 @@ def save_image(image: Image.Image, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------- batch runs
 def run_batch(args: argparse.Namespace, items: Sequence[Item], errors: list[str],
               work: Callable[[Item], None], unit: str = "image") -> int:
-    """Run ``work`` on every item with a progress bar; a bad item is recorded and the run goes on.
+    """Run ``work`` on every item with a progress bar; a failed item is reported and the run goes on.
 
-    Errors (the expansion ``errors`` plus every :class:`WetokError` raised by ``work``) are printed at the end, one
-    line each on stderr; the exit code is 2 if there was any, else 0.
+    The expansion ``errors``, then each item's failure (any exception: a :class:`WetokError`'s message, a
+    file-system error as "file: reason", anything else with its type), are printed as they happen, one line each
+    on stderr, followed by "N of M inputs failed" when there were several inputs; the exit code is 2 if anything
+    failed, else 0. Ctrl-C and SIGTERM stop the run.
     """
     from tqdm.auto import tqdm
 
     total = len(items) + len(errors)
-    errors = list(errors)
+    failed = 0
+
+    def report(message: str) -> None:
+        nonlocal failed
+        failed += 1
+        tqdm.write(f"wetok {args.command}: error: {printable(message)}", file=sys.stderr)
+
+    for message in errors:
+        report(message)
     for item in tqdm(items, desc=f"wetok {args.command}", unit=unit, disable=not show_progress(args)):
         try:
             work(item)
-        except WetokError as err:
-            errors.append(str(err))
-    for message in errors:
-        print(f"wetok {args.command}: error: {message}", file=sys.stderr)
-    if errors and total > 1 and not args.quiet:
-        print(f"wetok {args.command}: {len(errors)} of {total} inputs failed", file=sys.stderr)
-    return 2 if errors else 0
+        except Exception as err:  # noqa: BLE001  every per-input failure is one line, and the batch goes on
+            message = describe_error(err, item.path)
+            report(message if message.startswith(printable(item.path)) else f"{item.path}: {message}")
+    if failed and total > 1 and not args.quiet:
+        print(f"wetok {args.command}: {failed} of {total} inputs failed", file=sys.stderr)
+    return 2 if failed else 0
 
 
-def abs_error_map(a: Image.Image, b: Image.Image, vmax: float = 64.0) -> Image.Image:
-    """Mean absolute error over channels of two uint8 RGB images, coloured on [0, vmax] by :func:`colorize`."""
-    diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).mean(-1)
-    return Image.fromarray(colorize(np.clip(diff / vmax, 0, 1)))
+def abs_error_map(a: Image.Image, b: Image.Image, vmax: float = 64.0, rows: int = 256) -> Image.Image:
+    """Mean absolute error over channels of two uint8 RGB images, coloured on [0, vmax] by :func:`colorize`
+    (computed ``rows`` rows at a time, so memory stays bounded at any image size)."""
+    x, y = np.asarray(a), np.asarray(b)
+    out = np.empty(x.shape, dtype=np.uint8)
+    for start in range(0, x.shape[0], rows):
+        diff = np.abs(x[start:start + rows].astype(np.int16) - y[start:start + rows]).mean(-1)
+        out[start:start + rows] = colorize(np.clip(diff / vmax, 0, 1))
+    return Image.fromarray(out)
 
 
 def colorize(values: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import printable
 from ..official import load_official_with_report
 
 
@@ -24,5 +25,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     model, report = load_official_with_report(args.ckpt, args.config, ema=not args.raw)
     model.save_pretrained(args.output)
-    print(f"{args.ckpt} -> {args.output}: {report.summary()}")
+    print(printable(f"{args.ckpt} -> {args.output}: {report.summary()}"))
     return 0

@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline import encode
     from ..tokens import save_tokens
 
+    common.apply_max_pixels(args)
     items, errors = common.expand_inputs(args.inputs, "image")
     out = Path(args.output)
     fmt = args.format or (out.suffix.lower().lstrip(".") if out.suffix.lower() in common.TOKEN_SUFFIXES else "json")

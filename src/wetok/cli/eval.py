@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 import torch.distributed
 
 from .._files import atomic_write
-from ..errors import InputError
+from ..errors import InputError, printable
 from . import common
 
 
@@ -23,7 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="measure PSNR, SSIM, LPIPS, rFID and codebook usage on a folder of images",
         description="Encode and decode every image of DATA (any folder, ImageNet val/<wnid>/*.JPEG, COCO val2017) "
         "and report reconstruction metrics: a JSON report (--out) and a Markdown table on stdout. Means are "
-        "sums over images divided by their count, so batch size and process count (torchrun) do not change them.",
+        "sums over images divided by their count, so batch size and process count (torchrun) do not change them. "
+        "Images that cannot be read are listed in the report and on stderr, one line each, and make the exit "
+        "code 2 (unless --skip-bad); the report is still written.",
     )
     p.add_argument("data", metavar="DATA", help="image folder (searched recursively) or one image")
     p.add_argument("--out", required=True, help="JSON report path (written atomically)")
@@ -40,11 +43,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated: psnr, ssim, lpips (= lpips_alex + lpips_vgg), lpips_alex, lpips_vgg, fid, "
         "usage, sharpness (Laplacian-variance ratio, reconstruction / original) (default: all but sharpness)",
     )
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch (crop256; original uses 1)")
+    p.add_argument("--batch-size", type=common.int_range(1, 65536), default=16,
+                   help="images per batch (crop256; original uses 1)")
     p.add_argument(
-        "--limit", type=int, default=None, metavar="N", help="only the first N images (sorted order)"
+        "--limit", type=common.positive_int, default=None, metavar="N", help="only the first N images (sorted order)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the generative decoder's noise (default 0)")
+    common.add_seed_option(p)
+    p.add_argument("--skip-bad", action="store_true",
+                   help="exit 0 even if some images could not be read (they are still listed in the report and "
+                   "on stderr); by default any unreadable image makes the exit code 2")
     p.add_argument(
         "--official-compat",
         action="store_true",
@@ -56,7 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="replicate",
         help="padding of the original protocol (constant = the official zero, mid-grey)",
     )
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument("--num-workers", type=common.int_range(0, 1024), default=0,
+                   help="DataLoader worker processes (default 0)")
+    common.add_max_pixels_option(p)
     common.add_inception_option(p)
     p.add_argument(
         "--save-stats", default=None, metavar="NPZ", help="write the originals' Inception mu/sigma/n"
@@ -133,10 +142,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise InputError(out, "is a folder; --out names the JSON report file")
-    if args.batch_size < 1:
-        raise InputError("--batch-size", f"must be at least 1, got {args.batch_size}")
-    if args.limit is not None and args.limit < 1:
-        raise InputError("--limit", f"must be at least 1, got {args.limit}")
+    common.apply_max_pixels(args)
+    logging.getLogger("wetok.data").setLevel(logging.ERROR)  # bad images: one line each at the end, below
     names = parse_metrics(args.metrics)
     if (args.save_stats or args.ref_stats) and "fid" not in names:
         raise InputError("--save-stats/--ref-stats", "need the fid metric in --metrics")
@@ -160,12 +167,18 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet and sys.stderr.isatty(),
     )
     report["model"]["spec"] = spec
+    bad = report["data"]["bad_files"]
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         write_json_atomic(report, out)
+        for entry in bad:
+            print(f"wetok eval: error: {printable(entry['path'])}: {printable(entry['reason'])}", file=sys.stderr)
+        if bad and not args.quiet:
+            print(f"wetok eval: {len(bad)} of {report['data']['n_files']} inputs failed"
+                  + (" (--skip-bad)" if args.skip_bad else f"; the report {out} lists them"), file=sys.stderr)
         if not args.quiet:
             print(markdown_table(report))
     if distributed:
         torch.distributed.destroy_process_group()
-    return 0
+    return 2 if bad and not args.skip_bad else 0
 
 

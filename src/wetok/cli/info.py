@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..config import WeTokConfig
+from ..errors import printable
 from ..model import WeTok
 from ..registry import ModelEntry, find_model, list_models
 from . import common
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         f"tokens per 256x256    {info['tokens_per_256px_image']} group indices",
         f"compression at 256    {info['compression_ratio_256px']:.4g}x (24-bit RGB bits / token bits)",
     ]
-    print("\n".join(lines))
+    print("\n".join(printable(line) for line in lines))  # names come from the model's files
     return 0
 
 

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--grid", action="store_true", help="also write original | reconstruction | error grids")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generative decoder's noise (default 0)")
+    common.add_seed_option(p)
     common.add_image_options(p)
     common.add_model_options(p)
     common.add_run_options(p)
@@ -44,11 +44,12 @@ def grid(original: Image.Image, reconstruction: Image.Image) -> Image.Image:
 
 
 def run(args: argparse.Namespace) -> int:
-    from skimage.metrics import peak_signal_noise_ratio
-
     from ..data import load_rgb
+    from ..errors import printable
+    from ..metrics import psnr_uint8
     from ..pipeline import reconstruct
 
+    common.apply_max_pixels(args)
     items, errors = common.expand_inputs(args.inputs, "image", ("", "_grid") if args.grid else ("",))
     out = Path(args.output)
     if out.is_file():
@@ -64,10 +65,10 @@ def run(args: argparse.Namespace) -> int:
         common.save_image(reconstruction, out / f"{item.name}.png")
         if args.grid:
             common.save_image(grid(original, reconstruction), out / f"{item.name}_grid.png")
-        psnr = peak_signal_noise_ratio(np.asarray(original), np.asarray(reconstruction), data_range=255)
-        scores.append(float(psnr))
+        psnr = psnr_uint8(np.asarray(original), np.asarray(reconstruction))
+        scores.append(psnr)
         if not args.quiet:
-            print(f"{item.path}\tPSNR {psnr:.2f} dB", file=sys.stdout)
+            print(f"{printable(item.path)}\tPSNR {psnr:.2f} dB", file=sys.stdout)
 
     code = common.run_batch(args, items, errors, work)
     if len(scores) > 1 and not args.quiet:
