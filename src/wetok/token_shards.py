@@ -73,6 +73,13 @@ _NP_TO_ST = {np.dtype(v).name: k for k, v in _ST_DTYPES.items()}
 SHARD_TENSORS = ("indices", "labels", "images", "views")
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """``value`` as text fit for a one-line message: control and other non-printable characters escaped (a name
+    read from a file cannot forge log lines or move the cursor), cut to ``limit`` characters."""
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(value)[:limit + 1])
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def index_dtype(bits_per_group: int) -> np.dtype:
     """The smallest unsigned integer type that holds 2^bits_per_group values (int64 beyond 32 bits)."""
     if not 1 <= bits_per_group <= 62:
