@@ -11,6 +11,7 @@ one batch only. Batches are sharded over ``torch.distributed`` ranks like :func:
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +24,19 @@ from torch.utils.data import DataLoader
 
 from .data import BadImage, ImageDataset, eval_transform, find_images, to_model_range, to_tensor_transform
 from .errors import InputError
+from .token_shards import shown
 
 __all__ = ["FolderImages", "NpyHeader", "NpzImages", "npz_headers", "open_images"]
 
 #: Largest ``mu`` / ``sigma`` dimension accepted from a statistics file (sigma is D x D float64).
 MAX_STATS_DIM = 16384
+#: Largest ``.npz`` image (pixels: 4096 x 4096), most members of an ``.npz``, and most bytes of one batch's float
+#: pixels (a batch of large images is cut to fit; the features do not depend on the batch).
+MAX_NPZ_IMAGE_PIXELS = 4096 * 4096
+MAX_NPZ_MEMBERS = 1024
+MAX_BATCH_BYTES = 1 << 30
+#: What a damaged or foreign zip member raises while it is read.
+_ZIP_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError)
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,8 @@ def npz_headers(path: str | Path) -> dict[str, NpyHeader]:
         raise InputError(path, f"not an .npz file (not a zip archive: {err})") from err
     headers: dict[str, NpyHeader] = {}
     with archive:
+        if len(archive.infolist()) > MAX_NPZ_MEMBERS:
+            raise InputError(path, f"has {len(archive.infolist())} members, over the limit of {MAX_NPZ_MEMBERS}")
         for info in archive.infolist():
             if not info.filename.endswith(".npy"):
                 continue
@@ -73,19 +84,20 @@ def npz_headers(path: str | Path) -> dict[str, NpyHeader]:
                 with archive.open(info) as fp:
                     shape, fortran, dtype = _read_header(fp)
                     offset = fp.tell()
-            except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
-                raise InputError(path, f"member {key!r} is not a readable .npy array ({err})") from err
+            except _ZIP_ERRORS as err:  # encrypted or unknown compression: RuntimeError, NotImplementedError
+                reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+                raise InputError(path, f"member {shown(repr(key))} is not a readable .npy array ({reason})") from None
             if dtype.hasobject:
                 raise InputError(
-                    path, f"{key!r} holds pickled Python objects, which are not read (allow_pickle=False)"
+                    path, f"{shown(repr(key))} holds pickled Python objects, which are not read (allow_pickle=False)"
                 )
             header = NpyHeader(tuple(int(s) for s in shape), dtype, bool(fortran), info.file_size - offset)
             expected = int(np.prod(header.shape, dtype=np.int64)) * dtype.itemsize
             if expected != header.data_bytes:
                 raise InputError(
                     path,
-                    f"{key!r} is truncated or corrupt: its header declares {header.shape} {dtype} "
-                    f"({expected} bytes), the file holds {header.data_bytes}",
+                    f"{shown(repr(key))} is truncated or corrupt: its header declares {shown(header.shape)} "
+                    f"{dtype} ({expected} bytes), the file holds {header.data_bytes}",
                 )
             headers[key] = header
     return headers
@@ -99,8 +111,9 @@ def check_image_array(path: str | Path, key: str, header: NpyHeader) -> None:
     n, h, w, _ = header.shape
     if min(n, h, w) < 1:
         raise InputError(path, f"{key!r} holds no image: shape {header.shape}")
-    if Image.MAX_IMAGE_PIXELS is not None and h * w > Image.MAX_IMAGE_PIXELS:
-        raise InputError(path, f"{key!r} images are {h} x {w}, over the {Image.MAX_IMAGE_PIXELS}-pixel limit")
+    limit = min(MAX_NPZ_IMAGE_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_NPZ_IMAGE_PIXELS)
+    if h * w > limit:
+        raise InputError(path, f"{key!r} images are {h} x {w}, over the {limit}-pixel limit")
     if header.fortran_order:
         raise InputError(path, f"{key!r} is stored in Fortran order; save it with np.ascontiguousarray")
 
@@ -157,7 +170,18 @@ class NpzImages:
     def batches(
         self, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0
     ) -> Iterator[Batch]:
-        """Read ``batch_size * world`` images at a time; this rank keeps every ``world``-th from ``rank``."""
+        """Read ``batch_size * world`` images at a time (fewer where their float pixels would pass
+        :data:`MAX_BATCH_BYTES`); this rank keeps every ``world``-th from ``rank``."""
+        n, h, w, c = self.shape
+        image_bytes = h * w * c
+        batch_size = max(1, min(batch_size, MAX_BATCH_BYTES // (4 * image_bytes * world)))
+        try:
+            yield from self._read(batch_size, rank, world)
+        except _ZIP_ERRORS as err:  # a bad CRC or a damaged stream found while reading
+            reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            raise InputError(self.path, f"{self.key!r} cannot be read ({reason})") from None
+
+    def _read(self, batch_size: int, rank: int, world: int) -> Iterator[Batch]:
         n, h, w, c = self.shape
         image_bytes = h * w * c
         with zipfile.ZipFile(self.path) as archive, archive.open(f"{self.key}.npy") as fp:
