@@ -151,7 +151,7 @@ class NpzImages:
         headers = npz_headers(self.path) if headers is None else headers
         if self.key not in headers:
             raise InputError(
-                self.path, f"has no {self.key!r} images (arrays: {', '.join(headers) or 'none'})"
+                self.path, f"has no {self.key!r} images (arrays: {shown(', '.join(headers) or 'none')})"
             )
         check_image_array(self.path, self.key, headers[self.key])
         self.shape = headers[self.key].shape
