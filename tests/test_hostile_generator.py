@@ -194,6 +194,9 @@ def test_sample_options_refused_before_any_model_loads(tmp_path: Path, capsys, m
     (tmp_path / "file").write_text("x")
     assert_refused(wetok_inproc(capsys, "sample", "0", "-o", tmp_path / "file" / "sub"),
                    contains="not a writable folder")
+    monkeypatch.undo()
+    line = assert_refused(wetok_inproc(capsys, "sample", "0", "-o", out, "--model", "x\n\x1b[2Jforged line"))
+    assert line.isprintable()
     assert not out.exists()
 
 
@@ -385,7 +388,9 @@ def npz_member(path: Path, header: dict, data: bytes, *, method: int = zipfile.Z
     return path
 
 
-def test_eval_gen_refusals(tmp_path: Path, capsys) -> None:
+def test_eval_gen_refusals(tmp_path: Path, capsys, monkeypatch) -> None:
+    from wetok import generation_metrics
+
     good = tmp_path / "good.npz"
     np.savez(good, arr_0=np.zeros((4, 8, 8, 3), np.uint8))
     images = {"descr": "|u1", "fortran_order": False, "shape": (2, 8, 8, 3)}
@@ -408,8 +413,15 @@ def test_eval_gen_refusals(tmp_path: Path, capsys) -> None:
         (good, ["--batch-size", "100000"], "--batch-size"),
         (good, ["--out", tmp_path / "file" / "r.json"], "not a writable folder"),
     ]
+    np.savez(tmp_path / "nan.npz", mu=np.full(2048, np.nan), sigma=np.eye(2048))
+    np.savez_compressed(tmp_path / "wide.npz", mu=np.zeros(4100), sigma=np.zeros((4100, 4100)))  # 134 MB in 130 KB
+    cases += [(good, ["--ref", tmp_path / "nan.npz", "--metrics", "fid"], "NaN or infinite"),
+              (good, ["--ref", tmp_path / "wide.npz", "--metrics", "fid"], "D <= 4096")]
     for samples, extra, expect in cases:
-        assert_refused(wetok_inproc(capsys, "eval-gen", samples, "--ref", good, *extra), contains=expect)
+        ref = [] if "--ref" in extra else ["--ref", good]
+        assert_refused(wetok_inproc(capsys, "eval-gen", samples, *ref, *extra), contains=expect)
+    monkeypatch.setattr(generation_metrics, "MAX_IMAGES", 3)
+    assert_refused(wetok_inproc(capsys, "eval-gen", good, "--ref", good), contains="over the limit of 3")
 
 
 def test_npz_read_errors_midway_are_one_error(tmp_path: Path, monkeypatch) -> None:

@@ -56,6 +56,8 @@ __all__ = [
 ]
 
 GENERATION_METRICS = ("fid", "is", "pr")
+#: Most images of a sample or reference set (2048 float32 features each, ~8 GiB for the limit).
+MAX_IMAGES = 1_000_000
 ADM_IS_SPLIT_SIZE = 5000
 
 
@@ -273,6 +275,10 @@ def _versions() -> dict[str, str]:
 def _check_counts(
     samples: NpzImages | FolderImages, reference: Reference, names: tuple[str, ...], k: int
 ) -> None:
+    for images in (samples, reference.images):
+        if images is not None and len(images) > MAX_IMAGES:
+            raise InputError(images.path, f"has {len(images)} images, over the limit of {MAX_IMAGES} (their "
+                                          "features are held in memory)")
     if len(samples) < 2 and "fid" in names:
         raise InputError(samples.path, f"has {len(samples)} image; FID needs at least 2")
     if "pr" in names:

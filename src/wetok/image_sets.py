@@ -28,8 +28,9 @@ from .token_shards import shown
 
 __all__ = ["FolderImages", "NpyHeader", "NpzImages", "npz_headers", "open_images"]
 
-#: Largest ``mu`` / ``sigma`` dimension accepted from a statistics file (sigma is D x D float64).
-MAX_STATS_DIM = 16384
+#: Largest ``mu`` / ``sigma`` dimension accepted from a statistics file (sigma is D x D float64: 128 MiB; the FID
+#: Inception's features have 2048).
+MAX_STATS_DIM = 4096
 #: Largest ``.npz`` image (pixels: 4096 x 4096), most members of an ``.npz``, and most bytes of one batch's float
 #: pixels (a batch of large images is cut to fit; the features do not depend on the batch).
 MAX_NPZ_IMAGE_PIXELS = 4096 * 4096
@@ -105,12 +106,12 @@ def npz_headers(path: str | Path) -> dict[str, NpyHeader]:
 
 def check_image_array(path: str | Path, key: str, header: NpyHeader) -> None:
     """Refuse anything but C-ordered uint8 (N, H, W, 3) with N, H, W >= 1 and H x W within Pillow's size limit."""
-    what = f"{key!r} is {header.dtype} {header.shape}; expected uint8 images of shape (N, H, W, 3)"
+    what = f"{key!r} is {header.dtype} {shown(header.shape)}; expected uint8 images of shape (N, H, W, 3)"
     if header.dtype != np.uint8 or len(header.shape) != 4 or header.shape[-1] != 3:
         raise InputError(path, what)
     n, h, w, _ = header.shape
     if min(n, h, w) < 1:
-        raise InputError(path, f"{key!r} holds no image: shape {header.shape}")
+        raise InputError(path, f"{key!r} holds no image: shape {shown(header.shape)}")
     limit = min(MAX_NPZ_IMAGE_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_NPZ_IMAGE_PIXELS)
     if h * w > limit:
         raise InputError(path, f"{key!r} images are {h} x {w}, over the {limit}-pixel limit")
@@ -124,12 +125,20 @@ def read_stats(path: str | Path, headers: dict[str, NpyHeader]) -> tuple[np.ndar
     dim = mu_h.shape[0] if len(mu_h.shape) == 1 else -1
     if dim < 1 or sigma_h.shape != (dim, dim) or dim > MAX_STATS_DIM:
         raise InputError(
-            path, f"mu {mu_h.shape} and sigma {sigma_h.shape} are not (D,) and (D, D) statistics"
+            path, f"mu {shown(mu_h.shape)} and sigma {shown(sigma_h.shape)} are not (D,) and (D, D) statistics "
+            f"with D <= {MAX_STATS_DIM}"
         )
     if mu_h.dtype.kind != "f" or sigma_h.dtype.kind != "f":
         raise InputError(path, f"mu / sigma are {mu_h.dtype} / {sigma_h.dtype}; expected floating point")
-    with np.load(path, allow_pickle=False) as data:
-        return np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+    except _ZIP_ERRORS as err:
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise InputError(path, f"mu / sigma cannot be read ({reason})") from None
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise InputError(path, "mu / sigma hold NaN or infinite values")
+    return mu, sigma
 
 
 # ------------------------------------------------------------------------------------------------- image sets

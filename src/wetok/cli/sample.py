@@ -254,10 +254,10 @@ def load_models(args: argparse.Namespace, device: torch.device) -> tuple[WeTokAR
     elif ar.tokenizer is not None:
         tokenizer = ar.tokenizer
     else:
-        raise InputError(args.model, "has no tokenizer stored with it; pass --tokenizer")
+        raise InputError(shown(args.model, 200), "has no tokenizer stored with it; pass --tokenizer")
     cfg, tok = ar.config, tokenizer.config
     if (tok.groups, tok.bits_per_group) != (cfg.groups, cfg.bits_per_group):
-        raise InputError(args.tokenizer or args.model,
+        raise InputError(shown(args.tokenizer or args.model, 200),
                          f"tokenizer has {tok.groups} groups of {tok.bits_per_group} bits, the generator's tokens "
                          f"have {cfg.groups} sub-tokens of {cfg.bits_per_group} bits")
     dtype = resolve_dtype(args.dtype, device) or torch.float32

@@ -139,8 +139,8 @@ def _registered_or_download(name: str, revision: str | None, cache_dir: str | Pa
 def _download(repo_id: str, revision: str | None, cache_dir: str | Path | None, local_only: bool,
               progress: bool) -> Path:
     if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
-        raise InputError(repo_id, "not a model folder, a registered generator name or a Hugging Face Hub repo id "
-                                  "(owner/name); `wetok info` lists the registered names")
+        raise InputError(shown(repo_id, 200), "not a model folder, a registered generator name or a Hugging Face "
+                                              "Hub repo id (owner/name); `wetok info` lists the registered names")
     return hub_snapshot(repo_id, [CONFIG_NAME, WEIGHTS_NAME, f"{TOKENIZER_FOLDER}/*"], revision=revision,
                         cache_dir=cache_dir, local_files_only=local_only, progress=progress)
 
@@ -175,13 +175,13 @@ def load_generator(
         raise InputError(spec, f"is a {entry.family}, not a generator")
     if random_init:
         if entry is None:
-            raise InputError(spec, "--random-init takes a registered generator name (`wetok info` lists them)")
+            raise InputError(shown(spec, 200), "--random-init takes a registered generator name (`wetok info` lists them)")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = WeTokAR(entry.config).eval()
     elif spec.endswith(".ckpt"):
         if config is None:
-            raise InputError(spec, "an official .ckpt needs its GenStage YAML config (--config) or a preset name")
+            raise InputError(shown(spec, 200), "an official .ckpt needs its GenStage YAML config (--config) or a preset name")
         from .official import load_official_ar
 
         model = load_official_ar(spec, config)
