@@ -440,3 +440,18 @@ def test_npz_read_errors_midway_are_one_error(tmp_path: Path, monkeypatch) -> No
     np.savez(big, arr_0=np.zeros((5, 16, 16, 3), np.uint8))
     monkeypatch.setattr(image_sets, "MAX_BATCH_BYTES", 2 * 16 * 16 * 3 * 4)
     assert [len(b.index) for b in NpzImages(big).batches(50)] == [2, 2, 1]
+
+
+def test_large_batches_are_decoded_in_parts(monkeypatch) -> None:
+    from wetok.generation import images as gen_images
+    from wetok.image import to_uint8
+    from wetok.pipeline import decode_indices
+
+    model = WeTokAR.from_pretrained("cifar10-ar")
+    monkeypatch.setattr(gen_images, "MAX_DECODE_PIXELS", 2 * 32 * 32)  # two 32 x 32 images a part
+    got = list(gen_images.iter_images(model, [0, 1, 2], batch_size=3, noise_seed=5, top_k=1))
+    assert len(got) == 1 and tuple(got[0][1].shape) == (3, 32, 32, 3)
+    indices = model.generate([0, 1, 2], top_k=1)
+    parts = [decode_indices(model.tokenizer, indices[:2], None, 5), decode_indices(model.tokenizer, indices[2:], None, 7)]
+    expected = to_uint8(torch.cat(parts)).permute(0, 2, 3, 1)
+    assert torch.equal(got[0][1], expected)
