@@ -79,6 +79,7 @@ def test_closed_form_shapes_and_count_equal_the_built_model() -> None:
     ("one more layer", {"spatial_layers": 7}, "do not match the config: 7 missing"),
     ("float width", {"dim": 192.0}, "must be an integer"),
     ("nan rope", {"rope_base": float("nan")}, "positive finite number"),
+    ("forged name", {"name": "x\n\x1b[2Jforged"}, "printable string"),
 ])
 def test_native_config_asking_for_more_than_the_file_is_refused_before_building(
         tmp_path: Path, case: str, config: dict, expect: str) -> None:

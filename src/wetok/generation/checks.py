@@ -70,6 +70,9 @@ def check_config(config: WeTokARConfig, source: object) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
             raise InputError(source, f"generator config field {key} must be a positive finite number, "
                                      f"got {value!r:.40}")
+    if config.name is not None and not (isinstance(config.name, str) and len(config.name) <= 200
+                                        and config.name.isprintable()):
+        raise InputError(source, "generator config field name must be a printable string of at most 200 characters")
     if config.num_positions > MAX_AR_POSITIONS:
         raise InputError(source, f"a {config.grid_height} x {config.grid_width} token grid is over the limit of "
                                  f"{MAX_AR_POSITIONS} positions")
