@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from .errors import InputError
 from .fid import FeatureStats, InceptionFeatures, frechet_distance
 from .image_sets import FolderImages, NpzImages, npz_headers, open_images, read_stats
+from .token_shards import shown
 
 __all__ = [
     "GENERATION_METRICS",
@@ -55,6 +56,8 @@ __all__ = [
 ]
 
 GENERATION_METRICS = ("fid", "is", "pr")
+#: Most images of a sample or reference set (2048 float32 features each, ~8 GiB for the limit).
+MAX_IMAGES = 1_000_000
 ADM_IS_SPLIT_SIZE = 5000
 
 
@@ -116,10 +119,13 @@ def inception_logit_weight(weights_path: str | Path) -> Tensor:
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         weight = state["fc.weight"]
-    except Exception as err:  # noqa: BLE001  a corrupt or foreign file: say which
+    except Exception as err:  # noqa: BLE001  a corrupt or foreign file: say which (torch's first line only)
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise InputError(
-            weights_path, f"cannot read the Inception classifier weight fc.weight ({err})"
-        ) from err
+            weights_path, f"cannot read the Inception classifier weight fc.weight ({reason})"
+        ) from None
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        raise InputError(weights_path, "fc.weight is not a floating-point tensor")
     if tuple(weight.shape) != (1008, 2048):
         raise InputError(weights_path, f"fc.weight is {tuple(weight.shape)}, expected (1008, 2048)")
     return weight
@@ -150,7 +156,7 @@ def open_reference(path: str | Path, crop: int | None = None) -> Reference:
     headers = npz_headers(path)
     has_stats = "mu" in headers and "sigma" in headers
     if "arr_0" not in headers and not has_stats:
-        keys = ", ".join(headers) or "none"
+        keys = shown(", ".join(headers) or "none")
         raise InputError(path, f"has neither 'arr_0' images nor 'mu' / 'sigma' statistics (arrays: {keys})")
     images = NpzImages(path, headers) if "arr_0" in headers else None
     return Reference(path, images, read_stats(path, headers) if has_stats else None)
@@ -269,6 +275,10 @@ def _versions() -> dict[str, str]:
 def _check_counts(
     samples: NpzImages | FolderImages, reference: Reference, names: tuple[str, ...], k: int
 ) -> None:
+    for images in (samples, reference.images):
+        if images is not None and len(images) > MAX_IMAGES:
+            raise InputError(images.path, f"has {len(images)} images, over the limit of {MAX_IMAGES} (their "
+                                          "features are held in memory)")
     if len(samples) < 2 and "fid" in names:
         raise InputError(samples.path, f"has {len(samples)} image; FID needs at least 2")
     if "pr" in names:

@@ -11,6 +11,7 @@ one batch only. Batches are sharded over ``torch.distributed`` ranks like :func:
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +24,20 @@ from torch.utils.data import DataLoader
 
 from .data import BadImage, ImageDataset, eval_transform, find_images, to_model_range, to_tensor_transform
 from .errors import InputError
+from .token_shards import shown
 
 __all__ = ["FolderImages", "NpyHeader", "NpzImages", "npz_headers", "open_images"]
 
-#: Largest ``mu`` / ``sigma`` dimension accepted from a statistics file (sigma is D x D float64).
-MAX_STATS_DIM = 16384
+#: Largest ``mu`` / ``sigma`` dimension accepted from a statistics file (sigma is D x D float64: 128 MiB; the FID
+#: Inception's features have 2048).
+MAX_STATS_DIM = 4096
+#: Largest ``.npz`` image (pixels: 4096 x 4096), most members of an ``.npz``, and most bytes of one batch's float
+#: pixels (a batch of large images is cut to fit; the features do not depend on the batch).
+MAX_NPZ_IMAGE_PIXELS = 4096 * 4096
+MAX_NPZ_MEMBERS = 1024
+MAX_BATCH_BYTES = 1 << 30
+#: What a damaged or foreign zip member raises while it is read.
+_ZIP_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError)
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,8 @@ def npz_headers(path: str | Path) -> dict[str, NpyHeader]:
         raise InputError(path, f"not an .npz file (not a zip archive: {err})") from err
     headers: dict[str, NpyHeader] = {}
     with archive:
+        if len(archive.infolist()) > MAX_NPZ_MEMBERS:
+            raise InputError(path, f"has {len(archive.infolist())} members, over the limit of {MAX_NPZ_MEMBERS}")
         for info in archive.infolist():
             if not info.filename.endswith(".npy"):
                 continue
@@ -73,19 +85,20 @@ def npz_headers(path: str | Path) -> dict[str, NpyHeader]:
                 with archive.open(info) as fp:
                     shape, fortran, dtype = _read_header(fp)
                     offset = fp.tell()
-            except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
-                raise InputError(path, f"member {key!r} is not a readable .npy array ({err})") from err
+            except _ZIP_ERRORS as err:  # encrypted or unknown compression: RuntimeError, NotImplementedError
+                reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+                raise InputError(path, f"member {shown(repr(key))} is not a readable .npy array ({reason})") from None
             if dtype.hasobject:
                 raise InputError(
-                    path, f"{key!r} holds pickled Python objects, which are not read (allow_pickle=False)"
+                    path, f"{shown(repr(key))} holds pickled Python objects, which are not read (allow_pickle=False)"
                 )
             header = NpyHeader(tuple(int(s) for s in shape), dtype, bool(fortran), info.file_size - offset)
             expected = int(np.prod(header.shape, dtype=np.int64)) * dtype.itemsize
             if expected != header.data_bytes:
                 raise InputError(
                     path,
-                    f"{key!r} is truncated or corrupt: its header declares {header.shape} {dtype} "
-                    f"({expected} bytes), the file holds {header.data_bytes}",
+                    f"{shown(repr(key))} is truncated or corrupt: its header declares {shown(header.shape)} "
+                    f"{dtype} ({expected} bytes), the file holds {header.data_bytes}",
                 )
             headers[key] = header
     return headers
@@ -93,14 +106,15 @@ def npz_headers(path: str | Path) -> dict[str, NpyHeader]:
 
 def check_image_array(path: str | Path, key: str, header: NpyHeader) -> None:
     """Refuse anything but C-ordered uint8 (N, H, W, 3) with N, H, W >= 1 and H x W within Pillow's size limit."""
-    what = f"{key!r} is {header.dtype} {header.shape}; expected uint8 images of shape (N, H, W, 3)"
+    what = f"{key!r} is {header.dtype} {shown(header.shape)}; expected uint8 images of shape (N, H, W, 3)"
     if header.dtype != np.uint8 or len(header.shape) != 4 or header.shape[-1] != 3:
         raise InputError(path, what)
     n, h, w, _ = header.shape
     if min(n, h, w) < 1:
-        raise InputError(path, f"{key!r} holds no image: shape {header.shape}")
-    if Image.MAX_IMAGE_PIXELS is not None and h * w > Image.MAX_IMAGE_PIXELS:
-        raise InputError(path, f"{key!r} images are {h} x {w}, over the {Image.MAX_IMAGE_PIXELS}-pixel limit")
+        raise InputError(path, f"{key!r} holds no image: shape {shown(header.shape)}")
+    limit = min(MAX_NPZ_IMAGE_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_NPZ_IMAGE_PIXELS)
+    if h * w > limit:
+        raise InputError(path, f"{key!r} images are {h} x {w}, over the {limit}-pixel limit")
     if header.fortran_order:
         raise InputError(path, f"{key!r} is stored in Fortran order; save it with np.ascontiguousarray")
 
@@ -111,12 +125,20 @@ def read_stats(path: str | Path, headers: dict[str, NpyHeader]) -> tuple[np.ndar
     dim = mu_h.shape[0] if len(mu_h.shape) == 1 else -1
     if dim < 1 or sigma_h.shape != (dim, dim) or dim > MAX_STATS_DIM:
         raise InputError(
-            path, f"mu {mu_h.shape} and sigma {sigma_h.shape} are not (D,) and (D, D) statistics"
+            path, f"mu {shown(mu_h.shape)} and sigma {shown(sigma_h.shape)} are not (D,) and (D, D) statistics "
+            f"with D <= {MAX_STATS_DIM}"
         )
     if mu_h.dtype.kind != "f" or sigma_h.dtype.kind != "f":
         raise InputError(path, f"mu / sigma are {mu_h.dtype} / {sigma_h.dtype}; expected floating point")
-    with np.load(path, allow_pickle=False) as data:
-        return np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+    except _ZIP_ERRORS as err:
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise InputError(path, f"mu / sigma cannot be read ({reason})") from None
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise InputError(path, "mu / sigma hold NaN or infinite values")
+    return mu, sigma
 
 
 # ------------------------------------------------------------------------------------------------- image sets
@@ -138,7 +160,7 @@ class NpzImages:
         headers = npz_headers(self.path) if headers is None else headers
         if self.key not in headers:
             raise InputError(
-                self.path, f"has no {self.key!r} images (arrays: {', '.join(headers) or 'none'})"
+                self.path, f"has no {self.key!r} images (arrays: {shown(', '.join(headers) or 'none')})"
             )
         check_image_array(self.path, self.key, headers[self.key])
         self.shape = headers[self.key].shape
@@ -157,7 +179,18 @@ class NpzImages:
     def batches(
         self, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0
     ) -> Iterator[Batch]:
-        """Read ``batch_size * world`` images at a time; this rank keeps every ``world``-th from ``rank``."""
+        """Read ``batch_size * world`` images at a time (fewer where their float pixels would pass
+        :data:`MAX_BATCH_BYTES`); this rank keeps every ``world``-th from ``rank``."""
+        n, h, w, c = self.shape
+        image_bytes = h * w * c
+        batch_size = max(1, min(batch_size, MAX_BATCH_BYTES // (4 * image_bytes * world)))
+        try:
+            yield from self._read(batch_size, rank, world)
+        except _ZIP_ERRORS as err:  # a bad CRC or a damaged stream found while reading
+            reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            raise InputError(self.path, f"{self.key!r} cannot be read ({reason})") from None
+
+    def _read(self, batch_size: int, rank: int, world: int) -> Iterator[Batch]:
         n, h, w, c = self.shape
         image_bytes = h * w * c
         with zipfile.ZipFile(self.path) as archive, archive.open(f"{self.key}.npy") as fp:

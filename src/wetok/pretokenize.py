@@ -49,6 +49,7 @@ from .token_shards import (
     index_dtype,
     read_index,
     shard_name,
+    shown,
     write_index,
     write_shard,
 )
@@ -58,6 +59,19 @@ __all__ = ["LabelledImages", "ViewSpec", "list_labelled_images", "make_views", "
 log = logging.getLogger(__name__)
 LIST_SUFFIXES = (".txt", ".csv", ".tsv", ".lst")
 TEN_CROP_VIEWS = ("tl", "tr", "bl", "br", "mid")
+
+# Limits, each checked before the memory it bounds is allocated.
+#: A file list or class-name file: bytes, and characters per line.
+MAX_LIST_BYTES = 1 << 30
+MAX_LINE_CHARS = 8192
+#: Most classes (integer labels are class numbers below it; ImageNet-21k has 21841).
+MAX_CLASSES = 1 << 20
+#: Largest --size and --crop-scale (a resized image is held in memory).
+MAX_SIZE = 4096
+MAX_CROP_SCALE = 4.0
+#: Most bytes of one encoder batch's float32 pixels, and of one shard's tokens (held until the shard is written).
+MAX_BATCH_BYTES = 1 << 30
+MAX_SHARD_BYTES = 2 << 30
 
 
 # ------------------------------------------------------------------------------------------------------ sources
@@ -83,40 +97,64 @@ def read_file_list(path: str | Path, class_names: Sequence[str] | None = None) -
     names, numbered in sorted order (or by their position in ``class_names``).
     """
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(path, f"cannot read the file list ({err})") from None
     rows: list[tuple[str, str]] = []
-    for number, line in enumerate(lines, 1):
+    for number, line in read_lines(path, "file list"):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         sep = "\t" if "\t" in line else ","
         if sep not in line:
             raise InputError(path, f"line {number} has no label (expected path<TAB>label or path,label)")
         name, label = (part.strip() for part in line.rsplit(sep, 1))
-        if not rows and name.lower() in ("path", "file", "filename", "image") and not label.isdigit():
+        if not rows and name.lower() in ("path", "file", "filename", "image") and not _is_number(label):
             continue  # a CSV header
         if not name or not label:
             raise InputError(path, f"line {number}: empty path or label")
+        if "\0" in name:
+            raise InputError(path, f"line {number}: the path holds a NUL character")
         rows.append((name, label))
     if not rows:
         raise InputError(path, "the file list names no image")
     labels = [label for _, label in rows]
-    if all(label.isdigit() for label in labels):
+    if all(_is_number(label) for label in labels):
         numbers = [int(label) for label in labels]
+        if max(numbers) >= MAX_CLASSES:
+            raise InputError(path, f"label {max(numbers)} is over the limit of {MAX_CLASSES} classes")
         names = list(class_names) if class_names is not None else [str(i) for i in range(max(numbers) + 1)]
         if max(numbers) >= len(names):
             raise InputError(path, f"label {max(numbers)} is beyond the {len(names)} class names")
     else:
         names = list(class_names) if class_names is not None else sorted(set(labels))
+        if len(names) > MAX_CLASSES:
+            raise InputError(path, f"{len(names)} distinct labels, over the limit of {MAX_CLASSES} classes")
         number = {n: i for i, n in enumerate(names)}
         unknown = [label for label in labels if label not in number]
         if unknown:
-            raise InputError(path, f"label {unknown[0]!r} is not among the class names")
+            raise InputError(path, f"label {shown(repr(unknown[0]))} is not among the class names")
         numbers = [number[label] for label in labels]
     paths = [Path(n) if Path(n).is_absolute() else path.parent / n for n, _ in rows]
     return LabelledImages(paths, numbers, names, str(path.resolve()), [n for n, _ in rows])
+
+
+def _is_number(label: str) -> bool:
+    """A class number: ASCII digits, short enough for int() (which refuses over 4300 digits)."""
+    return label.isascii() and label.isdigit() and len(label) <= 18
+
+
+def read_lines(path: str | Path, what: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file, refusing files over :data:`MAX_LIST_BYTES` and lines over
+    :data:`MAX_LINE_CHARS` before reading them whole."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_LIST_BYTES:
+            raise InputError(path, f"the {what} is larger than the {MAX_LIST_BYTES}-byte limit")
+        with open(path, encoding="utf-8", newline=None) as f:
+            for number, line in enumerate(iter(lambda: f.readline(MAX_LINE_CHARS + 1), ""), 1):
+                if len(line) > MAX_LINE_CHARS:
+                    raise InputError(path, f"line {number} of the {what} is longer than {MAX_LINE_CHARS} characters")
+                yield number, line.rstrip("\n")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)[:200]
+        raise InputError(path, f"cannot read the {what} ({reason})") from None
 
 
 def list_labelled_images(data: str | Path, class_names: Sequence[str] | None = None) -> LabelledImages:
@@ -145,10 +183,10 @@ class ViewSpec:
     crop_scale: float = 1.1
 
     def __post_init__(self) -> None:
-        if self.size < 1:
-            raise InputError("--size", f"must be positive, got {self.size}")
-        if self.ten_crop and not self.crop_scale >= 1.0:
-            raise InputError("--crop-scale", f"must be at least 1, got {self.crop_scale}")
+        if not 1 <= self.size <= MAX_SIZE:
+            raise InputError("--size", f"must be from 1 to {MAX_SIZE}, got {self.size}")
+        if self.ten_crop and not 1.0 <= self.crop_scale <= MAX_CROP_SCALE:
+            raise InputError("--crop-scale", f"must be from 1 to {MAX_CROP_SCALE:g}, got {self.crop_scale}")
 
     @property
     def names(self) -> list[str]:
@@ -268,6 +306,18 @@ def tokenize_dataset(
     if output.exists() and not output.is_dir():
         raise InputError(output, "exists and is not a folder")
     index = _plan(model, images, spec, shard_size, tokenizer_name)
+    views = len(spec.names)
+    if batch_size * views * 3 * spec.size**2 * 4 > MAX_BATCH_BYTES:
+        raise InputError("--batch-size", f"{batch_size} images of {views} views at {spec.size} pixels are over "
+                                         f"the {MAX_BATCH_BYTES >> 20} MiB limit of one batch; lower it")
+    h, w = index.grid
+    if shard_size * views * h * w * index.groups * index.dtype.itemsize > MAX_SHARD_BYTES:
+        raise InputError("--shard-size", f"{shard_size} images' tokens are over the {MAX_SHARD_BYTES >> 20} MiB "
+                                         "limit of one shard (held in memory until written); lower it")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(output, f"cannot create the output folder ({err.strerror or err})") from None
     if (output / INDEX_NAME).is_file() and rank == 0:
         old = read_index(output)
         if old.run != index.run:
@@ -279,9 +329,12 @@ def tokenize_dataset(
     log.info("rank %d: %d of its %d shards to encode (the others are finished)", rank, len(mine),
              len(range(rank, n_shards, world_size)))
     spans = {k: (k * shard_size, min(len(images.paths), (k + 1) * shard_size)) for k in mine}
-    for number, parts, bad in _encode_shards(model, images, spec, spans, batch_size, num_workers, strict, on_bad,
-                                             progress and rank == 0):
-        _write(output, number, index, images, spec, parts, bad)
+    try:
+        for number, parts, bad in _encode_shards(model, images, spec, spans, batch_size, num_workers, strict,
+                                                 on_bad, progress and rank == 0):
+            _write(output, number, index, images, spec, parts, bad)
+    except OSError as err:  # a full disk, a folder made read-only meanwhile: finished shards are kept
+        raise InputError(err.filename or output, f"cannot write a token shard ({err.strerror or err})") from None
     if barrier is not None:
         barrier()
     if rank != 0:
@@ -360,6 +413,8 @@ def _write(output: Path, number: int, index: ShardIndex, images: LabelledImages,
 
 
 def _finish(output: Path, index: ShardIndex, images: LabelledImages, n_shards: int) -> ShardIndex:
+    """Check every shard, then write images.txt and, last, index.json. A data set without any sample is not
+    written: its (empty) shards are removed and InputError raised."""
     for k in range(n_shards):
         path = output / shard_name(k)
         if not path.is_file():
@@ -370,8 +425,17 @@ def _finish(output: Path, index: ShardIndex, images: LabelledImages, n_shards: i
             index.bad_images += json.loads(metadata.get("bad", "[]"))
         except json.JSONDecodeError:
             raise InputError(path, "corrupt list of bad images in its metadata") from None
+    if index.num_samples == 0:
+        for k in range(n_shards):
+            (output / shard_name(k)).unlink(missing_ok=True)
+        if not any(output.iterdir()):
+            output.rmdir()
+        raise InputError(images.source, f"none of the {len(images.paths)} images could be read")
     text = "".join(f"{os.path.abspath(p)}\t{label}\n" for p, label in zip(images.paths, images.labels, strict=True))
-    atomic_write(output / "images.txt", lambda tmp: tmp.write_text(text))
-    write_index(output, index)
+    try:
+        atomic_write(output / "images.txt", lambda tmp: tmp.write_text(text))
+        write_index(output, index)
+    except OSError as err:
+        raise InputError(err.filename or output, f"cannot write the index ({err.strerror or err})") from None
     return index
 

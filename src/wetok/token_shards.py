@@ -62,15 +62,25 @@ __all__ = [
 FORMAT = "wetok-token-shards"
 VERSION = 1
 INDEX_NAME = "index.json"
-#: Largest index.json / shard header read (bytes): checked before reading, so a lying file cannot exhaust memory.
-MAX_INDEX_BYTES = 1 << 30
-MAX_HEADER_BYTES = 100 << 20
+#: Largest index.json / shard header read (bytes): checked before reading, so a lying file cannot exhaust memory
+#: (parsed JSON takes up to ~20 times its size). An ImageNet index is ~100 KB, a 5000-image shard header ~1 KB.
+MAX_INDEX_BYTES = 32 << 20
+MAX_HEADER_BYTES = 32 << 20
+#: Most samples of a data set: its labels, views and source ids (17 bytes a sample) are held in memory.
+MAX_SAMPLES = 1 << 27
 
 # safetensors dtype names <-> little-endian numpy dtypes
 _ST_DTYPES = {"U8": "<u1", "U16": "<u2", "U32": "<u4", "I32": "<i4", "I64": "<i8"}
 _NP_TO_ST = {np.dtype(v).name: k for k, v in _ST_DTYPES.items()}
 #: Every shard tensor and its dtype ("indices": the data set's dtype).
 SHARD_TENSORS = ("indices", "labels", "images", "views")
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """``value`` as text fit for a one-line message: control and other non-printable characters escaped (a name
+    read from a file cannot forge log lines or move the cursor), cut to ``limit`` characters."""
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(value)[:limit + 1])
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def index_dtype(bits_per_group: int) -> np.dtype:
@@ -128,6 +138,15 @@ def write_index(folder: str | Path, index: ShardIndex) -> Path:
     return atomic_write(Path(folder) / INDEX_NAME, lambda tmp: tmp.write_text(text + "\n"))
 
 
+def _parse_json(path: Path, raw: bytes, what: str) -> Any:
+    """JSON with the parser's own limits (nesting depth, digits of an integer) turned into an InputError."""
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0][:120]
+        raise InputError(path, f"{what} ({reason})") from None
+
+
 def _need(path: Path, data: dict, key: str, kind: type | tuple[type, ...]) -> Any:
     value = data.get(key)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
@@ -138,7 +157,7 @@ def _need(path: Path, data: dict, key: str, kind: type | tuple[type, ...]) -> An
 def _int_pair(path: Path, data: dict, key: str) -> tuple[int, int]:
     value = _need(path, data, key, list)
     if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-        raise InputError(path, f"field {key!r} must be two positive integers, got {value!r}")
+        raise InputError(path, f"field {key!r} must be two positive integers, got {shown(repr(value))}")
     return int(value[0]), int(value[1])
 
 
@@ -150,23 +169,28 @@ def read_index(path: str | Path) -> ShardIndex:
     if not path.is_file():
         raise InputError(path, "no token-shard index here (made by `wetok tokenize`; an interrupted run has none: "
                                "run it again to finish)")
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise InputError(path, f"cannot read the token-shard index ({err.strerror or err})") from None
     if size > MAX_INDEX_BYTES:
         raise InputError(path, f"index of {size} bytes is larger than the {MAX_INDEX_BYTES}-byte limit")
     try:
-        data = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(path, f"not a wetok token-shard index: invalid JSON ({err})") from None
+        raw = path.read_bytes()
+    except OSError as err:
+        raise InputError(path, f"cannot read the token-shard index ({err.strerror or err})") from None
+    data = _parse_json(path, raw, "not a wetok token-shard index: invalid JSON")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise InputError(path, f"not a wetok token-shard index (no \"format\": \"{FORMAT}\")")
     if data.get("version") != VERSION:
-        raise InputError(path, f"token-shard index version {data.get('version')!r}; this wetok reads {VERSION}")
+        raise InputError(path, f"token-shard index version {shown(repr(data.get('version')))}; this wetok reads "
+                               f"{VERSION}")
     groups = _need(path, data, "groups", int)
     bits = _need(path, data, "bits_per_group", int)
     if groups < 1 or not 1 <= bits <= 62:
         raise InputError(path, f"groups {groups} / bits_per_group {bits} out of range")
     if data.get("dtype") != index_dtype(bits).name:
-        raise InputError(path, f"dtype {data.get('dtype')!r} does not match bits_per_group {bits}")
+        raise InputError(path, f"dtype {shown(repr(data.get('dtype')))} does not match bits_per_group {bits}")
     names = _need(path, data, "class_names", list)
     views = _need(path, data, "views", list)
     if not names or not all(isinstance(n, str) for n in names):
@@ -176,12 +200,25 @@ def read_index(path: str | Path) -> ShardIndex:
     tokenizer = _need(path, data, "tokenizer", dict)
     if not isinstance(tokenizer.get("id"), str) or not isinstance(tokenizer.get("weights_id", ""), str):
         raise InputError(path, "tokenizer.id is missing (or tokenizer.weights_id is not a string)")
+    if not isinstance(tokenizer.get("name", ""), str):
+        raise InputError(path, "tokenizer.name is not a string")
     shards = _need(path, data, "shards", list)
     for s in shards:
         ok = isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("count"), int)
-        if not ok or s["count"] < 0 or Path(s["file"]).name != s["file"] or not s["file"].endswith(".safetensors"):
-            raise InputError(path, f"bad shard entry {s!r}")
+        ok = ok and not isinstance(s["count"], bool) and s["count"] >= 0
+        # a plain file name inside the folder: no folder part, no absolute path, nothing unprintable
+        if not ok or Path(s["file"]).name != s["file"] or not s["file"].endswith(".safetensors") \
+                or not s["file"].isprintable() or "\\" in s["file"]:
+            raise InputError(path, f"bad shard entry {shown(repr(s))}")
     bad = _need(path, data, "bad_images", list)
+    if not all(isinstance(b, dict) and all(isinstance(v, str) for v in b.values()) for b in bad):
+        raise InputError(path, "bad_images must be a list of {\"path\", \"reason\"} strings")
+    total = sum(s["count"] for s in shards)
+    if total > MAX_SAMPLES:
+        raise InputError(path, f"{total} samples in all, over the limit of {MAX_SAMPLES} per data set")
+    num_images = _need(path, data, "num_images", int)
+    if num_images < 0:
+        raise InputError(path, f"num_images is negative ({num_images})")
     return ShardIndex(
         run=_need(path, data, "run", str),
         tokenizer=tokenizer,
@@ -193,7 +230,7 @@ def read_index(path: str | Path) -> ShardIndex:
         views=list(views),
         preprocessing=_need(path, data, "preprocessing", dict),
         source=_need(path, data, "source", str),
-        num_images=_need(path, data, "num_images", int),
+        num_images=num_images,
         shards=shards,
         bad_images=bad,
     )
@@ -252,10 +289,7 @@ def read_shard_header(path: str | Path) -> tuple[dict[str, str], dict[str, Tenso
             raw = f.read(n)
     except OSError as err:
         raise InputError(path, f"cannot read token shard ({err.strerror or err})") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InputError(path, "not a token shard: its header is not JSON (corrupt or not safetensors)") from None
+    header = _parse_json(path, raw, "not a token shard: its header is not JSON (corrupt or not safetensors)")
     if not isinstance(header, dict):
         raise InputError(path, "not a token shard: header is not a JSON object")
     metadata = header.pop("__metadata__", {})
@@ -265,17 +299,18 @@ def read_shard_header(path: str | Path) -> tuple[dict[str, str], dict[str, Tenso
     spans: dict[str, TensorSpan] = {}
     ends = []
     for name, info in header.items():
-        ok = isinstance(info, dict) and info.get("dtype") in _ST_DTYPES and isinstance(info.get("shape"), list)
+        ok = isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] in _ST_DTYPES
+        ok = ok and isinstance(info.get("shape"), list)
         offsets = info.get("data_offsets") if ok else None
         ok = ok and all(isinstance(d, int) and d >= 0 for d in info["shape"])
         ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
         if not ok:
-            raise InputError(path, f"not a token shard: bad header entry for {name!r}")
+            raise InputError(path, f"not a token shard: bad header entry for {shown(repr(name))}")
         dtype = np.dtype(_ST_DTYPES[info["dtype"]])
         start, end = offsets
         nbytes = math.prod(info["shape"]) * dtype.itemsize
         if not 0 <= start <= end <= data_size or end - start != nbytes:
-            raise InputError(path, f"corrupt or truncated token shard: tensor {name!r} claims bytes {start}..{end} "
+            raise InputError(path, f"corrupt or truncated token shard: tensor {shown(repr(name))} claims bytes {start}..{end} "
                                    f"({nbytes} needed) of a {data_size}-byte data area")
         spans[name] = TensorSpan(dtype, tuple(info["shape"]), base + start)
         ends.append((start, end))
@@ -299,10 +334,10 @@ def check_shard(path: str | Path, index: ShardIndex, number: int, count: int | N
     if metadata.get("format") != FORMAT:
         raise InputError(path, "not a wetok token shard (no wetok metadata)")
     if metadata.get("run") != index.run:
-        raise InputError(path, f"belongs to another tokenize run (run {metadata.get('run')!r}, this data set is "
-                               f"{index.run!r}: another tokenizer, data or settings)")
+        raise InputError(path, f"belongs to another tokenize run (run {shown(repr(metadata.get('run')))}, this "
+                               f"data set is {shown(repr(index.run))}: another tokenizer, data or settings)")
     if metadata.get("shard") != str(number):
-        raise InputError(path, f"holds shard {metadata.get('shard')!r}, expected {number}")
+        raise InputError(path, f"holds shard {shown(repr(metadata.get('shard')))}, expected {number}")
     missing = [t for t in SHARD_TENSORS if t not in spans]
     if missing:
         raise InputError(path, f"not a token shard: no tensor {missing[0]!r}")
@@ -376,10 +411,12 @@ class TokenDataset(Dataset):
         else:
             unknown = [v for v in views if v not in idx.views]
             if unknown:
-                raise InputError(self.root, f"no view {unknown[0]!r} in this data set (it has {', '.join(idx.views)})")
+                raise InputError(self.root, f"no view {shown(repr(unknown[0]))} in this data set (it has "
+                                            f"{shown(', '.join(idx.views))})")
             keep = np.isin(self._all_views, [idx.views.index(v) for v in views])
             self._select = np.flatnonzero(keep)
         self._maps: list[np.ndarray] | None = None
+        # signed int64 (over 32 bits) may also hold negative values
         self._limit = (1 << idx.bits_per_group) if idx.dtype.itemsize * 8 > idx.bits_per_group else None
 
     # ------------------------------------------------------------------------------------------- metadata
@@ -445,10 +482,11 @@ class TokenDataset(Dataset):
         """Raise :class:`ModelMismatchError` unless ``model`` (a WeTok) is the tokenizer these tokens came from:
         the same architecture (:attr:`WeTok.model_id`) and, where recorded, the same weights (``weights_id``)."""
         if model.model_id != self.tokenizer_id:
-            raise ModelMismatchError(f"{self.root}: tokens were made by tokenizer {self.tokenizer_id}, "
+            raise ModelMismatchError(f"{self.root}: tokens were made by tokenizer {shown(self.tokenizer_id)}, "
                                      f"the given one is {model.model_id}")
         if self.tokenizer_weights_id is not None and model.weights_id != self.tokenizer_weights_id:
-            raise ModelMismatchError(f"{self.root}: tokens were made by tokenizer weights {self.tokenizer_weights_id}"
+            raise ModelMismatchError(f"{self.root}: tokens were made by tokenizer weights "
+                                     f"{shown(self.tokenizer_weights_id)}"
                                      f", the given tokenizer has weights {model.weights_id}")
 
     # -------------------------------------------------------------------------------------------- samples
@@ -470,7 +508,7 @@ class TokenDataset(Dataset):
         shard = int(np.searchsorted(self._ends, i, side="right"))
         start = int(self._ends[shard - 1]) if shard else 0
         tokens = np.asarray(self._open()[shard][i - start], dtype=np.int64)
-        if self._limit is not None and tokens.max() >= self._limit:
+        if self._limit is not None and (tokens.max() >= self._limit or tokens.min() < 0):
             raise InputError(self._files[shard], f"sample {i - start} has an index >= 2^{self.bits_per_group}")
         return torch.from_numpy(tokens), torch.tensor(int(self._all_labels[i]), dtype=torch.int64)
 

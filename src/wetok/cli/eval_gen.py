@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,11 @@ import torch.distributed
 from ..errors import InputError
 from . import common
 from .eval import _fmt, write_json_atomic
+
+#: Largest --batch-size (Inception batches), --crop (pixels) and --num-workers.
+MAX_BATCH = 1024
+MAX_CROP = 4096
+MAX_WORKERS = 64
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -90,15 +96,22 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.is_dir():
         raise InputError(out, "is a folder; --out names the JSON report file")
-    for flag, value in (
-        ("--batch-size", args.batch_size),
-        ("--is-split-size", args.is_split_size),
-        ("--k", args.k),
+    if out is not None:
+        folder = out.absolute().parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise InputError(out, f"cannot write the report here ({folder} is not a writable folder)")
+    for flag, value, top in (
+        ("--batch-size", args.batch_size, MAX_BATCH),
+        ("--is-split-size", args.is_split_size, None),
+        ("--k", args.k, None),
+        ("--crop", 1 if args.crop is None else args.crop, MAX_CROP),
     ):
-        if value < 1:
-            raise InputError(flag, f"must be at least 1, got {value}")
-    if args.crop is not None and args.crop < 1:
-        raise InputError("--crop", f"must be at least 1, got {args.crop}")
+        if value < 1 or (top is not None and value > top):
+            raise InputError(flag, f"must be from 1 to {top or 'the number of images'}, got {value}")
+    if not 0 <= args.num_workers <= MAX_WORKERS:
+        raise InputError("--num-workers", f"must be from 0 to {MAX_WORKERS}, got {args.num_workers}")
     names = parse_generation_metrics(args.metrics)
     distributed = common.init_distributed(args)
     report = evaluate_generation(
@@ -116,7 +129,10 @@ def run(args: argparse.Namespace) -> int:
     )
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         if out is not None:
-            write_json_atomic(report, out)
+            try:
+                write_json_atomic(report, out)
+            except OSError as err:
+                raise InputError(out, f"cannot write the report ({err.strerror or err})") from None
         if not args.quiet:
             print(markdown_table(report))
     if distributed:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import tempfile
 import zipfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +20,7 @@ from ..errors import InputError
 from ..generation.images import iter_images
 from ..generation.model import WeTokAR
 from ..model import WeTok
+from ..token_shards import shown
 from . import common
 
 
@@ -74,34 +79,154 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- arguments
-def parse_classes(specs: list[str], num_classes: int) -> list[int]:
-    """``["3", "7", "10-12,20"]`` -> [3, 7, 10, 11, 12, 20], each in [0, num_classes); [] -> every class."""
-    if not specs:
-        return list(range(num_classes))
-    out: list[int] = []
-    for part in (s for spec in specs for s in spec.split(",") if s.strip()):
-        try:
-            lo, _, hi = part.strip().partition("-")
-            first, last = int(lo), int(hi or lo)
-        except ValueError:
-            raise InputError(part, "not a class number or range (e.g. 7 or 10-19)") from None
+#: Most images one run makes (more: several runs with other --seed values into other folders).
+MAX_IMAGES = 1_000_000
+#: Largest --batch-size, and most memory the sampler's key / value caches of one batch may take (also at most a
+#: quarter of the machine's memory, or 80% of a GPU's free memory).
+MAX_BATCH = 4096
+MAX_CACHE_BYTES = 16 << 30
+#: --seed range (seeds of later batches' decoder noise add the image number to it).
+MAX_SEED = 1 << 62
+#: --cfg scales and non-zero --temperature values must lie in these ranges.
+CFG_RANGE = (0.0, 100.0)
+TEMPERATURE_RANGE = (1e-3, 1e3)
+#: Largest grid image (pixels), when Pillow's decompression-bomb limit is switched off.
+DEFAULT_MAX_GRID_PIXELS = 89_478_485
+
+
+def class_ranges(specs: list[str]) -> list[tuple[int, int]]:
+    """``["3", "7", "10-12,20"]`` -> [(3, 3), (7, 7), (10, 12), (20, 20)]: the syntax only."""
+    out = []
+    for part in (s.strip() for spec in specs for s in spec.split(",") if s.strip()):
+        lo, _, hi = part.partition("-")
+        if not (lo.isdecimal() and (hi == "" or hi.isdecimal())) or len(part) > 40:
+            raise InputError(shown(part), "not a class number or range (e.g. 7 or 10-19)")
+        first, last = int(lo), int(hi or lo)
         if first > last:
             raise InputError(part, "empty class range")
-        for c in (first, last):
-            if not 0 <= c < num_classes:
-                raise InputError(part, f"unknown class {c}: the model has classes 0-{num_classes - 1}")
-        out.extend(range(first, last + 1))
+        out.append((first, last))
     return out
 
 
-def parse_scales(text: str, groups: int) -> list[float]:
+def parse_classes(specs: list[str], num_classes: int, limit: int = MAX_IMAGES) -> list[int]:
+    """``["3", "7", "10-12,20"]`` -> [3, 7, 10, 11, 12, 20], each in [0, num_classes); [] -> every class.
+    More than ``limit`` classes in all is refused before any list is made."""
+    ranges = class_ranges(specs) or [(0, num_classes - 1)]
+    for first, last in ranges:
+        for c in (first, last):
+            if not 0 <= c < num_classes:
+                raise InputError(f"{first}-{last}" if first != last else str(c),
+                                 f"unknown class {c}: the model has classes 0-{num_classes - 1}")
+    total = sum(last - first + 1 for first, last in ranges)
+    if total > limit:
+        raise InputError("CLASS", f"{total} classes listed, over the limit of {limit} images per run")
+    return [c for first, last in ranges for c in range(first, last + 1)]
+
+
+def parse_scales(text: str, groups: int | None = None) -> list[float]:
+    """``--cfg``: one scale or one per sub-token, each finite and within :data:`CFG_RANGE`; with ``groups``,
+    one per sub-token (a single value repeated)."""
     try:
-        scales = [float(s) for s in text.split(",")]
+        scales = [float(s) for s in text.split(",", 64)]
     except ValueError:
-        raise InputError("--cfg", f"not a number or comma-separated numbers: {text!r}") from None
+        raise InputError("--cfg", f"not a number or comma-separated numbers: {shown(text)!r}") from None
+    lo, hi = CFG_RANGE
+    if not all(lo <= s <= hi for s in scales):  # also refuses nan
+        raise InputError("--cfg", f"scales must be numbers from {lo:g} to {hi:g}, got {shown(text)}")
+    if groups is None:
+        return scales
     if len(scales) not in (1, groups):
         raise InputError("--cfg", f"{len(scales)} values; give one, or one per sub-token ({groups})")
     return scales * groups if len(scales) == 1 else scales
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Everything about the options that needs no model, before any model is loaded."""
+    for name, top in (("per_class", MAX_IMAGES), ("batch_size", MAX_BATCH)):
+        value = getattr(args, name)
+        if not 1 <= value <= top:
+            raise InputError(f"--{name.replace('_', '-')}", f"must be from 1 to {top}, got {shown(value, 30)}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise InputError("--seed", f"must be from 0 to 2^62, got {shown(args.seed, 30)}")
+    lo, hi = TEMPERATURE_RANGE
+    if not (args.temperature == 0 or lo <= args.temperature <= hi):
+        raise InputError("--temperature", f"must be 0 (greedy) or from {lo:g} to {hi:g}, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise InputError("--top-p", f"must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise InputError("--top-k", f"must be >= 0 (0: off), got {args.top_k}")
+    parse_scales(args.cfg)
+    class_ranges(args.classes)
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "exists and is not a folder")
+    if args.npz is not None and Path(args.npz).suffix != ".npz":
+        raise InputError(args.npz, "the --npz output must end in .npz")
+    grid_path = _grid_path(args)
+    if grid_path is not None and grid_path.suffix.lower() not in common.IMAGE_OUTPUT_SUFFIXES:
+        raise InputError(grid_path, f"unsupported image type (use one of {' '.join(common.IMAGE_OUTPUT_SUFFIXES)})")
+    for path in (out, grid_path, None if args.npz is None else Path(args.npz)):
+        if path is not None:
+            _check_writable(path)
+
+
+def _grid_path(args: argparse.Namespace) -> Path | None:
+    return None if args.grid is None else Path(args.grid) if args.grid else Path(args.output) / "grid.png"
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse an output whose nearest existing folder is not a writable folder (checked before any work)."""
+    folder = _existing_parent(path if not path.is_file() else path.parent)
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(path, f"cannot write here ({folder} is not a writable folder)")
+
+
+def check_work(args: argparse.Namespace, ar: WeTokAR, classes: list[int], height: int, width: int) -> None:
+    """Limits that need the model: --top-k, the number of images, the key / value cache of a batch, the grid
+    image and the --npz file against the free disk space."""
+    cfg = ar.config
+    if args.top_k > cfg.vocab_size:
+        raise InputError("--top-k", f"must be at most the {cfg.vocab_size} values of a sub-token, got {args.top_k}")
+    total = len(classes) * args.per_class
+    if total > MAX_IMAGES:
+        raise InputError("--per-class", f"{len(classes)} classes x {args.per_class} = {total} images, over the "
+                                        f"limit of {MAX_IMAGES} per run")
+    rows = min(args.batch_size, total) * (2 if any(s != 1 for s in parse_scales(args.cfg)) else 1)
+    itemsize = next(ar.parameters()).element_size()
+    cache = 2 * rows * cfg.dim * itemsize * (cfg.spatial_layers * cfg.num_positions + cfg.intra_layers * cfg.groups)
+    limit = cache_limit(next(ar.parameters()).device)
+    if cache > limit:
+        raise InputError("--batch-size", f"{args.batch_size} needs {cache / 2**30:.1f} GiB of key / value cache, "
+                                         f"over the limit of {limit / 2**30:.1f} GiB here; lower it")
+    if _grid_path(args) is not None:
+        pixels = len(set(classes)) * max(Counter(classes).values()) * args.per_class * height * width
+        limit = Image.MAX_IMAGE_PIXELS or DEFAULT_MAX_GRID_PIXELS
+        if pixels > limit:
+            raise InputError("--grid", f"the grid would have {pixels} pixels, over the {limit}-pixel limit; "
+                                       "ask for fewer images or drop --grid")
+    if args.npz is not None:
+        need = total * height * width * 3 + (1 << 16)
+        free = shutil.disk_usage(_existing_parent(Path(args.npz))).free
+        if need > free:
+            raise InputError(args.npz, f"needs {need / 1e9:.2f} GB, only {free / 1e9:.2f} GB are free there")
+
+
+def cache_limit(device: torch.device) -> int:
+    """Most bytes the key / value caches of one batch may take on ``device`` (see :data:`MAX_CACHE_BYTES`)."""
+    if device.type == "cuda":
+        return min(MAX_CACHE_BYTES, int(torch.cuda.mem_get_info(device)[0] * 0.8))
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        return MAX_CACHE_BYTES
+    return min(MAX_CACHE_BYTES, memory // 4)
 
 
 def load_models(args: argparse.Namespace, device: torch.device) -> tuple[WeTokAR, WeTok]:
@@ -129,10 +254,10 @@ def load_models(args: argparse.Namespace, device: torch.device) -> tuple[WeTokAR
     elif ar.tokenizer is not None:
         tokenizer = ar.tokenizer
     else:
-        raise InputError(args.model, "has no tokenizer stored with it; pass --tokenizer")
+        raise InputError(shown(args.model, 200), "has no tokenizer stored with it; pass --tokenizer")
     cfg, tok = ar.config, tokenizer.config
     if (tok.groups, tok.bits_per_group) != (cfg.groups, cfg.bits_per_group):
-        raise InputError(args.tokenizer or args.model,
+        raise InputError(shown(args.tokenizer or args.model, 200),
                          f"tokenizer has {tok.groups} groups of {tok.bits_per_group} bits, the generator's tokens "
                          f"have {cfg.groups} sub-tokens of {cfg.bits_per_group} bits")
     dtype = resolve_dtype(args.dtype, device) or torch.float32
@@ -142,69 +267,88 @@ def load_models(args: argparse.Namespace, device: torch.device) -> tuple[WeTokAR
 
 # ------------------------------------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    for name in ("per_class", "batch_size"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')}", "must be at least 1")
-    if not 0 < args.top_p <= 1 or args.temperature < 0:
-        raise InputError("--top-p/--temperature", "top-p must be in (0, 1] and temperature >= 0")
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise InputError(out, "exists and is not a folder")
-    if args.npz is not None and Path(args.npz).suffix != ".npz":
-        raise InputError(args.npz, "the --npz output must end in .npz")
-    grid_path = None if args.grid is None else Path(args.grid) if args.grid else out / "grid.png"
-    if grid_path is not None and grid_path.suffix.lower() not in common.IMAGE_OUTPUT_SUFFIXES:
-        raise InputError(grid_path, f"unsupported image type (use one of {' '.join(common.IMAGE_OUTPUT_SUFFIXES)})")
+    check_options(args)
     device = common.resolve_device(args.device)
     ar, tokenizer = load_models(args, device)
     cfg = ar.config
     classes = parse_classes(args.classes, cfg.num_classes)
     scales = parse_scales(args.cfg, cfg.groups)
-    labels = [c for c in classes for _ in range(args.per_class)]
-    seen: dict[int, int] = {}
-    names = []
-    class_digits = len(str(cfg.num_classes - 1))
-    k_digits = len(str(max(Counter(labels).values()) - 1))
-    for c in labels:
-        k = seen[c] = seen.get(c, -1) + 1
-        names.append(f"{c:0{class_digits}d}_{k:0{k_digits}d}.png")
     f = tokenizer.config.downsample_factor
     height, width = cfg.grid_height * f, cfg.grid_width * f
+    check_work(args, ar, classes, height, width)
+    labels = [c for c in classes for _ in range(args.per_class)]
     show = common.show_progress(args)
     batches = iter_images(ar, labels, tokenizer=tokenizer, batch_size=args.batch_size, noise_seed=args.seed,
                           generator=torch.Generator(device).manual_seed(args.seed), progress=show,
                           cfg_scale=scales, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           compile=args.compile)
-    keep_for_grid: list[np.ndarray] = []
+    out = Path(args.output)
+    made_out = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".wetok-sample-", dir=out))
+    except OSError as err:
+        raise InputError(out, f"cannot create the output folder ({err.strerror or err})") from None
+    try:
+        names = _write_all(args, batches, labels, cfg.num_classes, (height, width), tmp, show)
+        for name in names:  # every file is complete: move them into place
+            os.replace(tmp / name, out / name)
+    except OSError as err:
+        raise InputError(err.filename or out, f"cannot write ({err.strerror or err})") from None
+    except (MemoryError, torch.OutOfMemoryError):
+        raise InputError("--batch-size", f"{args.batch_size}: out of memory while sampling; lower it") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if made_out and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+    common.note(args, f"wrote {len(labels)} images to {out}")
+    return 0
+
+
+def _write_all(args: argparse.Namespace, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], labels: list[int],
+               num_classes: int, size: tuple[int, int], tmp: Path, show: bool) -> list[str]:
+    """Write every PNG into ``tmp`` and, when asked, the --npz and then the grid (each atomically); return the
+    names written into ``tmp``."""
+    from tqdm.auto import tqdm
+
+    counts = Counter(labels)
+    class_digits, k_digits = len(str(num_classes - 1)), len(str(max(counts.values()) - 1))
+    grid_path = _grid_path(args)
+    rows = {c: i for i, c in enumerate(dict.fromkeys(labels))}  # one row per class, in order of appearance
+    height, width = size
+    names: list[str] = []
+
+    canvas = None  # allocated once, within the limit checked by check_work
+    if grid_path is not None:
+        canvas = np.zeros((len(rows) * height, max(counts.values()) * width, 3), dtype=np.uint8)
 
     def produce(npz_tmp: Path | None) -> None:
         npz = _NpyStream(npz_tmp, (len(labels), height, width, 3)) if npz_tmp is not None else None
-        done = 0
+        seen: dict[int, int] = {}
         with tqdm(total=len(labels), desc="wetok sample", unit="image", disable=not show) as bar:
-            for _, batch in batches:
+            for batch_labels, batch in batches:
                 images = batch.numpy()
-                for image, name in zip(images, names[done:done + len(images)], strict=True):
-                    common.save_image(Image.fromarray(image), out / name)
+                for image, c in zip(images, batch_labels.tolist(), strict=True):
+                    k = seen[c] = seen.get(c, -1) + 1
+                    name = f"{c:0{class_digits}d}_{k:0{k_digits}d}.png"
+                    Image.fromarray(image).save(tmp / name)
+                    names.append(name)
+                    if canvas is not None:
+                        r = rows[c]
+                        canvas[r * height:(r + 1) * height, k * width:(k + 1) * width] = image
                 if npz is not None:
                     npz.write(images)
-                if grid_path is not None:
-                    keep_for_grid.extend(images)
-                done += len(images)
                 bar.update(len(images))
         if npz is not None:
             npz.close()
 
-    out.mkdir(parents=True, exist_ok=True)
     if args.npz is not None:
         atomic_write(args.npz, produce, suffix=".npz")
     else:
         produce(None)
-    if grid_path is not None:
-        common.save_image(_grid(keep_for_grid, labels), grid_path)
-    common.note(args, f"wrote {len(labels)} images to {out}")
-    return 0
+    if canvas is not None:
+        common.save_image(Image.fromarray(canvas), grid_path)
+    return names
 
 
 class _NpyStream:
@@ -224,17 +368,3 @@ class _NpyStream:
     def close(self) -> None:
         self.entry.close()
         self.zip.close()
-
-
-def _grid(images: list[np.ndarray], labels: list[int]) -> Image.Image:
-    """One row per class (in the order of first appearance), its images left to right."""
-    rows: dict[int, list[np.ndarray]] = {}
-    for image, c in zip(images, labels, strict=True):
-        rows.setdefault(c, []).append(image)
-    h, w = images[0].shape[:2]
-    cols = max(len(r) for r in rows.values())
-    canvas = np.zeros((len(rows) * h, cols * w, 3), dtype=np.uint8)
-    for i, row in enumerate(rows.values()):
-        for j, image in enumerate(row):
-            canvas[i * h:(i + 1) * h, j * w:(j + 1) * w] = image
-    return Image.fromarray(canvas)

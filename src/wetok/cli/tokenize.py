@@ -11,6 +11,9 @@ import torch
 
 from . import common
 
+#: Most DataLoader processes decoding images.
+MAX_WORKERS = 64
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -51,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..pretokenize import ViewSpec, list_labelled_images, tokenize_dataset
 
-    if args.num_workers < 0:
-        raise InputError("--num-workers", f"must be >= 0, got {args.num_workers}")
+    if not 0 <= args.num_workers <= MAX_WORKERS:
+        raise InputError("--num-workers", f"must be from 0 to {MAX_WORKERS}, got {args.num_workers}")
     spec = ViewSpec(size=args.size, flip=args.flip, ten_crop=args.ten_crop, crop_scale=args.crop_scale)
     # a long timeout: rank 0 waits at the end for the slowest rank's shards, not for a hung peer
     distributed = common.init_distributed(args, timeout=timedelta(hours=48))
@@ -86,13 +89,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _read_names(path: str | None) -> list[str] | None:
     from ..errors import InputError
+    from ..pretokenize import MAX_CLASSES, read_lines
 
     if path is None:
         return None
-    try:
-        names = [line.strip() for line in open(path, encoding="utf-8") if line.strip()]
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(path, f"cannot read class names ({err})") from None
+    names = []
+    for _, line in read_lines(path, "class-name file"):
+        if line.strip():
+            names.append(line.strip())
+            if len(names) > MAX_CLASSES:
+                raise InputError(path, f"more than {MAX_CLASSES} class names")
     if not names or len(set(names)) != len(names):
         raise InputError(path, "class names must be a non-empty list without repeats")
     return names

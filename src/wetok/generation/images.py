@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     from ..model import WeTok
     from .model import WeTokAR
 
+#: Most pixels the tokenizer decodes at once (64 images of 256 x 256): larger batches are decoded in parts, so
+#: the decoder's memory does not grow with the batch size.
+MAX_DECODE_PIXELS = 1 << 22
+
 
 def iter_images(
     model: WeTokAR,
@@ -31,7 +35,8 @@ def iter_images(
 
     ``tokenizer`` defaults to ``model.tokenizer``; ``sampling`` goes to :meth:`WeTokAR.generate` (``cfg_scale``,
     ``temperature``, ``top_k``, ``top_p``, ``compile``). One ``generator`` serves all batches, so samples depend
-    on ``batch_size``. A generative decoder's noise for the batch starting at label i is seeded ``noise_seed + i``.
+    on ``batch_size``. Batches are decoded in parts of at most :data:`MAX_DECODE_PIXELS` pixels; a generative
+    decoder's noise for the part starting at label i is seeded ``noise_seed + i``.
     """
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     if tokenizer is None:
@@ -41,11 +46,14 @@ def iter_images(
         raise ValueError(f"tokenizer has {tok.groups} groups of {tok.bits_per_group} bits, the generator's tokens "
                          f"have {cfg.groups} sub-tokens of {cfg.bits_per_group} bits")
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    f = tok.downsample_factor
+    part = max(1, MAX_DECODE_PIXELS // (cfg.grid_height * f * cfg.grid_width * f))
     for start in range(0, labels.numel(), batch_size):
         batch = labels[start:start + batch_size]
-        indices = model.generate(batch, generator=generator, progress=progress, **sampling)
-        pixels = decode_indices(tokenizer, indices.cpu(), None, noise_seed + start)
-        yield batch, to_uint8(pixels).permute(0, 2, 3, 1).contiguous()
+        indices = model.generate(batch, generator=generator, progress=progress, **sampling).cpu()
+        images = [to_uint8(decode_indices(tokenizer, indices[i:i + part], None, noise_seed + start + i))
+                  for i in range(0, len(indices), part)]
+        yield batch, torch.cat(images).permute(0, 2, 3, 1).contiguous()
 
 
 def generate_images(model: WeTokAR, labels: Sequence[int] | Tensor, **kwargs: Any) -> Tensor:

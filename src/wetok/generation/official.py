@@ -25,6 +25,8 @@ from ..checkpoints import _load_exact
 from ..config import WeTokConfig
 from ..errors import CheckpointError, InputError
 from ..model import WeTok
+from ..token_shards import shown
+from .checks import check_config, check_state_shapes, check_state_values
 from .config import WeTokARConfig, get_ar_config, is_ar_preset
 from .model import WeTokAR
 
@@ -48,11 +50,22 @@ def _model_args(data: Any, path: Path) -> dict[str, Any]:
         raise InputError(path, f"not an official GenStage config (missing {err})") from err
 
 
+#: Largest GenStage YAML read (bytes; the official ones are a few KB).
+MAX_YAML_BYTES = 1 << 20
+
+
 def _read_yaml(path: Path) -> Any:
     try:
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise InputError(path, f"YAML config larger than the {MAX_YAML_BYTES}-byte limit")
         return yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise InputError(path, f"cannot read YAML config: {err}") from err
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as err:
+        raise InputError(path, f"cannot read YAML config: {_one_line(err)}") from err
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return " ".join(lines[:2])[:300] if lines else type(err).__name__
 
 
 def read_official_ar_config(path: str | Path) -> WeTokARConfig:
@@ -65,19 +78,23 @@ def read_official_ar_config(path: str | Path) -> WeTokARConfig:
         groups = int(p.get("factorized_k", len(bits)))
         positions = int(p["block_size"])
         dim = int(p["dim"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise InputError(path, f"not an official GenStage transformer config (missing or bad {err})") from err
-    side = math.isqrt(positions)
+        cond_dim = int(p.get("cond_dim", dim))
+        n_head = int(p["n_head"])
+        kv_heads = int(p.get("n_kv_head") or n_head)
+        side = math.isqrt(positions)
+    except (KeyError, TypeError, ValueError, ArithmeticError) as err:
+        raise InputError(path, f"not an official GenStage transformer config (missing or bad {_one_line(err)})"
+                         ) from err
     problems = []
     if not p.get("token_factorization", args.get("token_factorization", True)):
         problems.append("token_factorization is off (only the factorized GPT is supported)")
     if len(set(bits)) != 1 or len(bits) != groups:
-        problems.append(f"factorized_bits {bits} must be {groups} equal values")
+        problems.append(f"factorized_bits {shown(bits)} must be {groups} equal values")
     if side * side != positions:
         problems.append(f"block_size {positions} is not a square grid")
-    if int(p.get("cond_dim", dim)) != dim:
-        problems.append(f"cond_dim {p.get('cond_dim')} differs from dim {dim}")
-    if int(p.get("n_kv_head") or p["n_head"]) != int(p["n_head"]):
+    if cond_dim != dim:
+        problems.append(f"cond_dim {cond_dim} differs from dim {dim}")
+    if kv_heads != n_head:
         problems.append("grouped-query attention (n_kv_head != n_head) is not supported")
     if problems:
         raise InputError(path, "; ".join(problems))
@@ -99,8 +116,8 @@ def read_official_ar_config(path: str | Path) -> WeTokARConfig:
             rope_base=float(p.get("rope_base", 10000)),
             name=path.stem,
         )
-    except (KeyError, TypeError, ValueError) as err:
-        raise InputError(path, f"invalid GenStage transformer config: {err}") from err
+    except (KeyError, IndexError, TypeError, ValueError, ArithmeticError) as err:
+        raise InputError(path, f"invalid GenStage transformer config: {_one_line(err)}") from err
 
 
 def read_official_tokenizer_config(path: str | Path) -> WeTokConfig | None:
@@ -171,7 +188,14 @@ def load_official_ar(
     """
     ckpt = Path(ckpt)
     cfg, yaml_path = _resolve_config(config)
-    state = tok_official._read_official_state(ckpt)
+    check_config(cfg, yaml_path or ckpt)
+    try:
+        state = tok_official._read_official_state(ckpt)
+    except InputError as err:  # torch's unpickling errors run over several lines, with advice not to follow
+        reason = err.reason.strip().splitlines()[0] if err.reason.strip() else "unreadable"
+        if "Weights only load failed" in reason:
+            reason = "cannot read checkpoint: not a torch.save file of tensors and plain values, or a corrupt one"
+        raise InputError(ckpt, reason[:300]) from None
     derived = [k for k in state if k.startswith(TRANSFORMER_PREFIX) and any(m in k for m in _DERIVED_MARKERS)]
     native = {official_to_native_key(k): v for k, v in state.items()
               if k.startswith(TRANSFORMER_PREFIX) and k not in derived}
@@ -179,6 +203,8 @@ def load_official_ar(
         logger.info("%s: skipped %d derived buffers (%s ...), recomputed here", ckpt, len(derived), derived[0])
     if not native:
         raise CheckpointError(f"{ckpt}: no transformer.* keys: not an official WeTok-AR checkpoint")
+    check_state_shapes(cfg, {k: list(v.shape) for k, v in native.items()}, ckpt)  # before anything is built
+    check_state_values(native, ckpt)
     model = WeTokAR(cfg)
     _load_exact(model, {k: v.float() for k, v in native.items()}, ckpt)  # type: ignore[arg-type]
     model.eval()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .._files import atomic_write
@@ -21,6 +22,8 @@ from ..checkpoints import (
     read_config_json,
 )
 from ..errors import InputError
+from ..token_shards import shown
+from .checks import check_config, check_state_shapes, check_state_values
 from .config import WeTokARConfig
 
 if TYPE_CHECKING:
@@ -53,9 +56,11 @@ def read_ar_config(path: str | Path) -> WeTokARConfig:
     if model_type != MODEL_TYPE:
         raise InputError(path, "not a WeTok-AR generator config (a tokenizer's config.json?)")
     try:
-        return WeTokARConfig.from_dict(data)
-    except (TypeError, ValueError) as err:
-        raise InputError(path, f"invalid generator config: {err}") from err
+        config = WeTokARConfig.from_dict(data)
+    except (TypeError, ValueError, ArithmeticError) as err:
+        raise InputError(path, f"invalid generator config: {_one_line(err)}") from err
+    check_config(config, path)
+    return config
 
 
 def load_pretrained_ar(
@@ -81,10 +86,12 @@ def load_pretrained_ar(
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise InputError(weights, "missing weights file")
+    check_state_shapes(config, _header_shapes(weights), weights)  # before anything is allocated
     try:
         state = load_file(str(weights))
     except Exception as err:  # safetensors raises its own error types
-        raise InputError(weights, f"cannot read weights: {err}") from err
+        raise InputError(weights, f"cannot read weights: {_one_line(err)}") from err
+    check_state_values(state, weights)
     model = WeTokAR(config)
     _load_exact(model, state, weights)  # type: ignore[arg-type]
     model.eval()
@@ -95,6 +102,20 @@ def load_pretrained_ar(
             model.tokenizer.to(device)
     model.name_or_path = str(name_or_path)
     return model.to(device=device, dtype=dtype) if (device or dtype) else model
+
+
+def _header_shapes(weights: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape from a safetensors header (checked by safetensors; no tensor is read)."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {key: list(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+    except Exception as err:  # safetensors raises its own error types
+        raise InputError(weights, f"cannot read weights: {_one_line(err)}") from err
+
+
+def _one_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:300] if lines else type(err).__name__
 
 
 def _registered_or_download(name: str, revision: str | None, cache_dir: str | Path | None, local_only: bool,
@@ -118,8 +139,8 @@ def _registered_or_download(name: str, revision: str | None, cache_dir: str | Pa
 def _download(repo_id: str, revision: str | None, cache_dir: str | Path | None, local_only: bool,
               progress: bool) -> Path:
     if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
-        raise InputError(repo_id, "not a model folder, a registered generator name or a Hugging Face Hub repo id "
-                                  "(owner/name); `wetok info` lists the registered names")
+        raise InputError(shown(repo_id, 200), "not a model folder, a registered generator name or a Hugging Face "
+                                              "Hub repo id (owner/name); `wetok info` lists the registered names")
     return hub_snapshot(repo_id, [CONFIG_NAME, WEIGHTS_NAME, f"{TOKENIZER_FOLDER}/*"], revision=revision,
                         cache_dir=cache_dir, local_files_only=local_only, progress=progress)
 
@@ -154,13 +175,13 @@ def load_generator(
         raise InputError(spec, f"is a {entry.family}, not a generator")
     if random_init:
         if entry is None:
-            raise InputError(spec, "--random-init takes a registered generator name (`wetok info` lists them)")
+            raise InputError(shown(spec, 200), "--random-init takes a registered generator name (`wetok info` lists them)")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = WeTokAR(entry.config).eval()
     elif spec.endswith(".ckpt"):
         if config is None:
-            raise InputError(spec, "an official .ckpt needs its GenStage YAML config (--config) or a preset name")
+            raise InputError(shown(spec, 200), "an official .ckpt needs its GenStage YAML config (--config) or a preset name")
         from .official import load_official_ar
 
         model = load_official_ar(spec, config)
@@ -180,8 +201,31 @@ def _from_training_checkpoint(spec: str) -> WeTokAR:
 
     checkpoint = resolve_checkpoint(spec)
     ckpt = load_training_checkpoint(checkpoint)
-    if ckpt.get("task", "tokenizer") != "generator":
-        raise InputError(checkpoint, f"is a {ckpt.get('task', 'tokenizer')} training checkpoint, not a generator's")
+    task = ckpt.get("task", "tokenizer")
+    if task != "generator":
+        raise InputError(checkpoint, f"is a {shown(task)} training checkpoint, not a generator's")
+    _check_training_checkpoint(ckpt, checkpoint)
     model = generator_from_checkpoint(ckpt, source=checkpoint)
     model.name_or_path = str(checkpoint)
     return model
+
+
+def _check_training_checkpoint(ckpt: dict, source: Path) -> None:
+    """The config and the weights of a generator training checkpoint, checked before the model is built (the
+    weights it loads: the EMA ones, or the live ones when the run kept no EMA)."""
+    data = ckpt.get("model_config")
+    if not isinstance(data, dict):
+        raise InputError(source, "model_config is not a mapping of generator config fields")
+    try:
+        config = WeTokARConfig.from_dict(data)
+    except (TypeError, ValueError, ArithmeticError) as err:
+        raise InputError(source, f"invalid generator config: {_one_line(err)}") from err
+    ema = ckpt.get("ema")
+    state = ckpt.get("model") if ema is None else ema
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise InputError(source, f"{'ema' if ema is not None else 'model'} is not a mapping of names to tensors")
+    if ema is not None:
+        state = {k.removeprefix("module."): v for k, v in state.items() if k.startswith("module.")}
+    check_state_shapes(config, {k: list(v.shape) for k, v in state.items()}, source)
+    check_state_values(state, source)

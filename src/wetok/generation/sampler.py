@@ -9,6 +9,7 @@ Conditional and unconditional (null-class) rows run as one batch; the drawn sub-
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -112,8 +113,17 @@ class SamplingSettings:
                 return tuple(kind(v) for v in value)
             return (kind(value),) * groups
 
-        return cls(per(cfg_scale, "cfg_scale", float), per(temperature, "temperature", float),
-                   per(top_k, "top_k", int), per(top_p, "top_p", float))
+        settings = cls(per(cfg_scale, "cfg_scale", float), per(temperature, "temperature", float),
+                       per(top_k, "top_k", int), per(top_p, "top_p", float))
+        if not all(math.isfinite(s) for s in settings.cfg_scale):
+            raise ValueError(f"cfg_scale must be finite, got {settings.cfg_scale}")
+        if not all(0 <= t < math.inf for t in settings.temperature):
+            raise ValueError(f"temperature must be finite and >= 0, got {settings.temperature}")
+        if not all(k >= 0 for k in settings.top_k):
+            raise ValueError(f"top_k must be >= 0 (0: off), got {settings.top_k}")
+        if not all(0 < p <= 1 for p in settings.top_p):
+            raise ValueError(f"top_p must be in (0, 1], got {settings.top_p}")
+        return settings
 
     @property
     def guided(self) -> bool:
