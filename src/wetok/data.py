@@ -29,6 +29,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ._limits import DEFAULT_MAX_PIXELS
 from .errors import InputError, describe_error
 
 __all__ = [
@@ -73,8 +74,6 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 )
 
 
-#: Images with more pixels than this are refused (Pillow's decompression-bomb warning threshold, 2^30 / 4 / 3).
-DEFAULT_MAX_PIXELS = 89_478_485
 _max_pixels: int | None = DEFAULT_MAX_PIXELS
 _PILLOW_LIMIT = Image.MAX_IMAGE_PIXELS
 

@@ -105,8 +105,10 @@ class InceptionFeatures(nn.Module):
         )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001  a corrupt or foreign file: say which
-            raise InputError(path, f"cannot read FID Inception weights: {err}") from err
+        except Exception as err:  # noqa: BLE001  a corrupt or foreign file: say which, in one line
+            # (not torch's own message: it spans lines and suggests weights_only=False, which we never use)
+            raise InputError(path, "cannot read FID Inception weights: not a torch file of tensors "
+                                   f"({type(err).__name__})") from err
 
         def from_local_file(*_args: object, **_kwargs: object) -> dict[str, Tensor]:
             return state

@@ -69,6 +69,7 @@ import torch
 from torch import Tensor
 
 from ._files import atomic_write
+from ._limits import DEFAULT_MAX_PIXELS
 from .errors import ModelMismatchError
 
 __all__ = [
@@ -86,9 +87,6 @@ __all__ = [
 MAGIC = b"WTOK"
 VERSION = 1
 JSON_META_KEY = "wetok_meta"
-#: Pixels of one decoded image (model input size and original size alike) a token file may ask for by default:
-#: Pillow's ``Image.MAX_IMAGE_PIXELS`` (1024^3 / 4 / 3, about 89.5 megapixels), its decompression-bomb limit.
-DEFAULT_MAX_PIXELS = 89_478_485
 IDENTITY_SEPARATOR = ":"
 _HEADER = struct.Struct("<4sBBHHIIIIII4HB")  # everything up to and including the identity length
 _CRC = struct.Struct("<I")

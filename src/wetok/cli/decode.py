@@ -7,8 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import InputError
-from ..tokens import DEFAULT_MAX_PIXELS
 from . import common
 
 if TYPE_CHECKING:
@@ -31,12 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="TOKENS", help="token files, folders or glob patterns")
     p.add_argument("-o", "--output", required=True,
                    help="output image (one input, e.g. out.png) or folder (<name>.png inside)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the generative decoder's noise (default 0; ignored by deterministic decoders)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
-                   help="refuse token files that decode to an image of more than N pixels (at its original size "
-                   f"or the model's input size; default {DEFAULT_MAX_PIXELS}, Pillow's decompression-bomb limit; "
-                   "0 = no limit)")
+    common.add_seed_option(p, help="seed of the generative decoder's noise (ignored by deterministic decoders)")
+    common.add_max_pixels_option(p)
     common.add_model_options(p)
     common.add_run_options(p)
     p.set_defaults(func=run)
@@ -73,10 +67,6 @@ def decode_file(model: WeTok, tokens: TokenFile, *, tile: int | None = None, see
 def run(args: argparse.Namespace) -> int:
     from ..token_format import open_tokens
 
-    if args.max_pixels < 0:
-        raise InputError("--max-pixels", f"must be a number of pixels (0 = no limit), got {args.max_pixels}")
-    if not -(2**63) <= args.seed < 2**64:
-        raise InputError("--seed", f"must lie in [-2^63, 2^64), got {args.seed}")
     items, errors = common.expand_inputs(args.inputs, "tokens")
     out = Path(args.output)
     common.check_output(out, len(items), common.IMAGE_OUTPUT_SUFFIXES)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..errors import InputError
+from ..errors import InputError, printable
 from . import common
 
 if TYPE_CHECKING:
@@ -111,10 +111,10 @@ def run(args: argparse.Namespace) -> int:
     common.save_image(token_map(record), out)
     if not args.quiet:
         b, h, w, g = record.indices.shape
-        print(f"{path}: {b} image(s), {h}x{w} tokens x {g} groups of {record.bits_per_group} bits, "
-              f"image {record.image_size[0]}x{record.image_size[1]}, model {record.model_id or 'unrecorded'}",
+        print(f"{printable(path)}: {b} image(s), {h}x{w} tokens x {g} groups of {record.bits_per_group} bits, "
+              f"image {record.image_size[0]}x{record.image_size[1]}, model {printable(record.model_id or 'unrecorded')}",
               file=sys.stdout)
         for k, (used, entropy) in enumerate(group_stats(record)):
             print(f"  group {k}: {used} distinct of {2**record.bits_per_group}, entropy {entropy:.3f} bits")
-        print(f"wrote {out}")
+        print(f"wrote {printable(out)}")
     return 0
