@@ -38,7 +38,7 @@ from PIL import Image
 from torch import Tensor
 
 from ._files import atomic_write
-from .data import BadImage, find_images, folder_labels, load_rgb
+from .data import BadImage, find_images, folder_labels, load_rgb, short_side_resize_check
 from .errors import InputError
 from .image import pil_to_tensor
 from .token_shards import (
@@ -207,6 +207,7 @@ class ViewSpec:
 
 
 def _resize_short(image: Image.Image, short: int) -> Image.Image:
+    short_side_resize_check(short)(image)  # refuse (InputError) what would exceed the pixel limit once resized
     w, h = image.size
     new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
     return image if new == image.size else image.resize(new, Image.Resampling.BILINEAR)

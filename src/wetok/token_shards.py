@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ._files import atomic_write
-from .errors import InputError, ModelMismatchError
+from .errors import InputError, ModelMismatchError, printable
 
 __all__ = [
     "FORMAT",
@@ -79,7 +79,7 @@ SHARD_TENSORS = ("indices", "labels", "images", "views")
 def shown(value: object, limit: int = 80) -> str:
     """``value`` as text fit for a one-line message: control and other non-printable characters escaped (a name
     read from a file cannot forge log lines or move the cursor), cut to ``limit`` characters."""
-    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(value)[:limit + 1])
+    text = printable(str(value)[: limit + 1])
     return text if len(text) <= limit else text[:limit] + "..."
 
 

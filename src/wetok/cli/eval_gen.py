@@ -63,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--k", type=int, default=3, help="neighbourhood size of precision / recall (default 3)")
     common.add_inception_option(p)
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    common.add_device_option(p)
     common.add_run_options(p, tile=False)
     p.set_defaults(func=run)
 

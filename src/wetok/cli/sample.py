@@ -69,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--tokenizer-config", default=None, help="the YAML config (or preset) of a .ckpt --tokenizer")
     g.add_argument("--tokenizer-random-init", action="store_true",
                    help="--tokenizer is a registered name: build it with random weights (seed 0)")
-    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    common.add_device_option(g)
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32",
                    help="precision of the generator (default float32; auto: bfloat16 where the device has native "
                    "bf16 arithmetic); the tokenizer decodes in float32")

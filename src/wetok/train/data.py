@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from ..data import find_images, load_rgb, to_model_range
+from ..data import find_images, load_rgb, short_side_resize_check, to_model_range
 from ..errors import InputError
 
 __all__ = [
@@ -80,6 +80,7 @@ def crop_sample(image: Image.Image, size: int, rng: random.Random, hflip: bool =
                 center: bool = False) -> Tensor:
     """Resize the short side to ``size`` (bilinear, antialias), crop ``size`` x ``size`` at an offset drawn from
     ``rng`` (or centred), optionally flip; float (3, size, size) in [-1, 1] (the official transforms, spec §5.1)."""
+    image = short_side_resize_check(size)(image)  # a 1 x 40000 strip would become 256 x 10 million: InputError
     image = TF.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
     width, height = image.size
     if center:  # torchvision CenterCrop's rounding
