@@ -73,13 +73,13 @@ def test_closed_form_shapes_and_count_equal_the_built_model() -> None:
 
 
 @pytest.mark.parametrize(("case", "config", "expect"), [
-    ("10^7 layers", {"spatial_layers": 10**7}, "parameters, over the limit"),
-    ("10^6 wide", {"dim": 1 << 20, "n_head": 1 << 10, "ffn_hidden": None}, "parameters, over the limit"),
-    ("10^5 x 10^5 grid", {"grid_height": 100000, "grid_width": 100000}, "token grid is over the limit"),
+    ("10^7 layers", {"spatial_layers": 10**7}, "spatial_layers must be at most 256"),
+    ("10^6 wide", {"dim": 1 << 20, "n_head": 1 << 10, "ffn_hidden": None}, "dim must be at most 65536"),
+    ("10^5 x 10^5 grid", {"grid_height": 100000, "grid_width": 100000}, "grid_height must be at most 256"),
     ("one more layer", {"spatial_layers": 7}, "do not match the config: 7 missing"),
     ("float width", {"dim": 192.0}, "must be an integer"),
-    ("nan rope", {"rope_base": float("nan")}, "positive finite number"),
-    ("forged name", {"name": "x\n\x1b[2Jforged"}, "printable string"),
+    ("nan rope", {"rope_base": float("nan")}, "rope_base must be finite"),
+    ("forged name", {"name": "x\n\x1b[2Jforged"}, "name must be printable"),
 ])
 def test_native_config_asking_for_more_than_the_file_is_refused_before_building(
         tmp_path: Path, case: str, config: dict, expect: str) -> None:
@@ -111,7 +111,7 @@ def test_huge_config_in_a_child_costs_no_memory(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = run_wetok("sample", "0", "-o", out, "--model", folder, "--tokenizer", "cifar10-tokenizer", "-q",
                        cwd=tmp_path)
-    assert_refused(result, contains=("config.json", "over the limit"), output=out, peak_mib=1000)
+    assert_refused(result, contains=("config.json", "spatial_layers must be at most 256"), output=out, peak_mib=1000)
 
 
 @pytest.mark.shared(FIXTURES / "tiny_ar_g4b8.ckpt", FIXTURES / "tiny_ar_g4b8.yaml")
@@ -127,8 +127,8 @@ def test_official_checkpoint_and_yaml(tmp_path: Path) -> None:
         return path
 
     cases = [
-        (ckpt, variant("wide", dim=1 << 20, cond_dim=1 << 20, n_head=1 << 10), "over the limit"),
-        (ckpt, variant("grid", block_size=10**10), "token grid is over the limit"),
+        (ckpt, variant("wide", dim=1 << 20, cond_dim=1 << 20, n_head=1 << 10), "dim must be at most 65536"),
+        (ckpt, variant("grid", block_size=10**10), "grid_height must be at most 256"),
         (ckpt, variant("heads", n_head=0), "n_head"),
         (ckpt, variant("bits", factorized_bits=[]), "factorized_bits"),
         (ckpt, "ar-tiny", "do not match the config"),
@@ -136,7 +136,7 @@ def test_official_checkpoint_and_yaml(tmp_path: Path) -> None:
     (tmp_path / "deep.yaml").write_text("[" * 100000 + "]" * 100000)
     (tmp_path / "text.ckpt").write_text("plain text\n")
     cases += [(ckpt, tmp_path / "deep.yaml", "cannot read YAML config"),
-              (tmp_path / "text.ckpt", official_yaml, "not a torch.save file")]
+              (tmp_path / "text.ckpt", official_yaml, "not a torch checkpoint")]
     state = torch.load(ckpt, weights_only=True)["state_dict"]
     for name, change, expect in (("shape", torch.zeros(255, 32), "the config needs (256, 32)"),
                                  ("nan", torch.full((256, 32), float("nan")), "NaN or infinite")):
@@ -155,7 +155,7 @@ def test_training_checkpoint_with_wrong_weights(tmp_path: Path) -> None:
     base = {"task": "generator", "model_config": config.to_dict(), "ema": ema, "model": model.state_dict()}
     cases = {
         "shape": ({**base, "ema": {**ema, "module.norm.weight": torch.ones(3)}}, "the config needs (64,)"),
-        "layers": ({**base, "model_config": {**config.to_dict(), "spatial_layers": 10**7}}, "over the limit"),
+        "layers": ({**base, "model_config": {**config.to_dict(), "spatial_layers": 10**7}}, "spatial_layers must be at most 256"),
         "config": ({**base, "model_config": [1, 2]}, "model_config is not a mapping"),
         "values": ({**base, "model_config": {**config.to_dict(), "dim": "wide"}}, "invalid generator config"),
         "ema": ({**base, "ema": {"module.x": 1}}, "not a mapping of names to tensors"),
@@ -231,7 +231,7 @@ def test_sample_failure_midway_leaves_nothing(tmp_path: Path, capsys, monkeypatc
 
     monkeypatch.setattr(sample_cli, "iter_images", failing)
     assert_refused(wetok_inproc(capsys, "sample", "0", "1", "--batch-size", "1", "--grid", "--npz", out / "a.npz",
-                                "-o", out, "-q"), contains="No space left", output=out)
+                                "-o", out, "-q"), contains="no space left", output=out)
     assert not out.exists()
 
 
