@@ -204,3 +204,17 @@ def test_cli_refusals(tmp_path):
     result = run_wetok("export-onnx", "default", "-o", out, "--format", "exported-program")
     assert_refused(result, contains=(str(out), "not an empty folder"))
     assert [p.name for p in out.iterdir()] == ["keep"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(format="torchscript"), "format must be one of onnx, exported-program"),
+    (dict(parts=("encoder", "quantizer")), "parts must be"),
+    (dict(parts=()), "parts must be"),
+    (dict(opset=17), "opset must be 18 or higher"),
+])
+def test_bad_arguments_write_nothing(generative, tmp_path, kwargs, message):
+    from wetok.onnx_export import export_graphs
+
+    with pytest.raises(ValueError, match=message):
+        export_graphs(generative, tmp_path / "out", **kwargs)
+    assert list(tmp_path.iterdir()) == []
