@@ -17,7 +17,7 @@ from wetok import WeTok
 from wetok.image import pil_to_tensor
 from wetok.official import load_official
 from wetok.onnx_export import export_onnx, export_program
-from wetok.quantizer import to_official_flat
+from wetok.quantizer import codes_to_indices, to_official_flat
 
 HAVE_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
 needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason="needs the onnx extras (pip install 'wetok[onnx]')")
@@ -45,6 +45,22 @@ def photos(batch: int, height: int, width: int, offset: int = 0) -> torch.Tensor
     return torch.stack([pil_to_tensor(img) for img in images])
 
 
+def assert_same_tokens(indices: torch.Tensor, latent: torch.Tensor, model: WeTok, images: torch.Tensor) -> int:
+    """The graph's latent within 1e-4 of PyTorch's, its indices the signs of its own latent, and equal to PyTorch's
+    except where a latent lies within that round-off of zero (either sign is right there). Returns how many
+    tokens had such a latent."""
+    with torch.no_grad():
+        reference = model.encode_latent(images)
+        expected = model.encode(images).indices
+    error = (latent - reference).abs().max()
+    assert error < 1e-4
+    assert indices.dtype == torch.int64 and torch.equal(indices, codes_to_indices(latent, model.config.groups))
+    b, d, h, w = reference.shape
+    unsure = (reference.abs() <= error).permute(0, 2, 3, 1).reshape(b, h, w, model.config.groups, -1).any(-1)
+    assert torch.equal(indices[~unsure], expected[~unsure])
+    return int(unsure.sum())
+
+
 @pytest.fixture(scope="module")
 def default_model() -> WeTok:
     return WeTok.from_pretrained("default").eval().requires_grad_(False)
@@ -65,15 +81,9 @@ def test_default_encoder_gives_the_tokens_of_pytorch(default_model, default_onnx
     for i, (batch, height, width) in enumerate(SIZES):
         images = photos(batch, height, width, offset=3 * i)
         indices, latent = run(sess, images=images)
-        with torch.no_grad():
-            tokens = default_model.encode(images)
-            reference = default_model.encode_latent(images)
-        assert indices.dtype == torch.int64 and indices.shape == tokens.indices.shape
-        # no latent lies within the round-off of zero (a trained encoder keeps them away from the sign
-        # threshold), so the two must give the same bits, exactly
-        error = (latent - reference).abs().max()
-        assert error < 1e-4 and error < reference.abs().min()
-        assert torch.equal(indices, tokens.indices)
+        assert indices.shape == (batch, height // 8, width // 8, 4)
+        # a trained encoder keeps its latents away from the sign threshold: every token is the same
+        assert assert_same_tokens(indices, latent, default_model, images) == 0
 
 
 @needs_onnx
@@ -123,21 +133,17 @@ def test_official_fixture(tmp_path):
     assert (latent - outputs["latent"]).abs().max() < 1e-4
     assert torch.equal(to_official_flat(indices), outputs["indices"])
     (images,) = run(decoder, indices=indices)
-    # other sizes: the PyTorch model
+    assert (images - outputs["reconstruction"]).abs().max() < 1e-4
+    with torch.no_grad():
+        assert (images - model.decode(indices)).abs().max() < 1e-4
+    # other sizes and batches: against the PyTorch model
     for batch, height, width in [(1, 96, 64), (3, 32, 48)]:
         other = photos(batch, height, width)
         other_indices, other_latent = run(encoder, images=other)
+        assert assert_same_tokens(other_indices, other_latent, model, other) <= other_indices.numel() // 100
+        (decoded,) = run(decoder, indices=other_indices)
         with torch.no_grad():
-            assert (other_latent - model.encode_latent(other)).abs().max() < 1e-4
-            assert torch.equal(other_indices, model.encode(other).indices)
-            (decoded,) = run(decoder, indices=other_indices)
-            assert (decoded - model.decode(other_indices)).abs().max() < 1e-3
-    # The fixture's decoder amplifies round-off (test_checkpoints: float32 lands ~1e-3 from the official run,
-    # float64 ~3e-6), so its decoder is held to 1e-3 at most and, against float64, 1e-4 on average.
-    with torch.no_grad():
-        assert (images - model.decode(indices)).abs().max() < 1e-3
-        assert (images.double() - model.double().decode(indices)).abs().mean() < 1e-4
-        assert (images.double() - outputs["reconstruction"].double()).abs().mean() < 1e-4
+            assert (decoded - model.decode(other_indices)).abs().max() < 1e-4
 
 
 @pytest.fixture(scope="module")
