@@ -2,7 +2,8 @@
 
 The model (default: the bundled ``default``) is exported with :func:`wetok.onnx_export.export_onnx` into a
 temporary folder; onnxruntime runs ``encoder.onnx`` (images -> indices, latent) and ``decoder.onnx`` (indices ->
-images) with ``--threads`` intra-op threads (one inter-op thread, all graph optimisations). The baseline is
+images) with ``--threads`` intra-op threads (one inter-op thread, all graph optimisations, no spinning of idle workers,
+which would take the cores from PyTorch's threads between the interleaved runs). The baseline is
 ``wetok.fast.optimize(model, dtype="float32")`` under ``wetok.fast.inference()`` with ``torch.set_num_threads``
 at the same count: ``model.encode(images)`` and ``model.decode(indices)``. Inputs: ``--batch`` real photos
 (centre crop, bicubic resize to each of ``--sizes``).
@@ -60,6 +61,8 @@ def session(path: Path, threads: int):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # onnxruntime's idle workers spin by default, which starves PyTorch's threads in the interleaved runs
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
