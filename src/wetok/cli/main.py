@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "eval_gen",
     "train",
     "export",
+    "export_onnx",
     "tokenize",
     "sample",
 )
