@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FIXTURES, PHOTOS
+from conftest import CI, FIXTURES, PHOTOS
 from hostile import assert_refused, run_wetok
 from wetok import WeTok
 from wetok.image import pil_to_tensor
@@ -20,6 +20,8 @@ from wetok.onnx_export import export_onnx, export_program
 from wetok.quantizer import codes_to_indices, to_official_flat
 
 HAVE_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
+if CI and not HAVE_ONNX:  # the test extras install them: a CI run must not pass by skipping these tests
+    pytest.fail("CI=true but the onnx extras are missing (pip install -e '.[test]' installs them)", pytrace=False)
 needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason="needs the onnx extras (pip install 'wetok[onnx]')")
 CKPT, YAML, OUTPUTS = FIXTURES / "tiny_ds16_g4.ckpt", FIXTURES / "tiny_ds16_g4.yaml", FIXTURES / "tiny_ds16_g4.outputs.pt"
 #: (batch, height, width) of the two runs of every graph: neither is the size the graphs were traced at
