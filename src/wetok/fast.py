@@ -45,13 +45,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import sys
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+from . import _cpu
+from ._convchoice import choice_mode, measured_choice
 from .model import WeTok
 
 __all__ = [
@@ -75,21 +75,8 @@ def has_native_bf16(device: torch.device | str = "cpu") -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
-        return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+        return _cpu.has_amx() or _cpu.has_avx512_bf16()
     return False
-
-
-def _cpu_flags() -> set[str]:
-    if not sys.platform.startswith("linux"):
-        return set()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str = "cpu") -> torch.dtype | None:
@@ -114,17 +101,21 @@ def nnpack_available() -> bool:
 
 
 class WinogradConv2d(nn.Conv2d):
-    """A 3x3, stride-1, padding-1 :class:`~torch.nn.Conv2d` that runs NNPACK's Winograd kernels for float32 CPU
-    inference when in_channels x pixels >= ``MIN_WORK`` and the map has ``PIXELS_PER_EXTRA_THREAD`` pixels for
-    every torch thread beyond the first, and the ordinary convolution otherwise (autograd, other dtypes or
-    devices, small maps). Same parameters, so :func:`optimize` swaps the class of existing layers that
-    have at least ``MIN_CHANNELS`` input and output channels. Its weight stays NCHW (what NNPACK reads); for
-    small maps it keeps a channels_last copy (rebuilt if the weight changes), so oneDNN does not convert the
-    weight on every call.
+    """A 3x3, stride-1, padding-1 :class:`~torch.nn.Conv2d` that, for float32 CPU inference, runs either NNPACK's
+    Winograd kernels or oneDNN's direct convolution, whichever is faster for its input shape on this machine
+    (see :mod:`wetok._convchoice`: measured once per layer shape and cached per machine and torch version, or
+    fixed by ``WETOK_CONV_CHOICE``), and the ordinary convolution otherwise (autograd, other dtypes or devices).
+    Same parameters, so :func:`optimize` swaps the class of existing layers that have at least ``MIN_CHANNELS``
+    input and output channels. Its weight stays NCHW (what NNPACK reads); for the direct kernel it keeps a
+    channels_last copy (rebuilt if the weight changes), so oneDNN does not convert the weight on every call.
+
+    With ``WETOK_CONV_CHOICE=rules`` the choice is fixed: Winograd when in_channels x pixels >= ``MIN_WORK`` and
+    the map has ``PIXELS_PER_EXTRA_THREAD`` pixels for every torch thread beyond the first.
     """
 
-    #: Below these oneDNN's direct channels_last convolution is as fast or faster (official widths, measured on
-    #: 1 and 2 cores: NNPACK splits a map into 6x6 tiles among threads and scales poorly on small maps).
+    #: The ``rules`` thresholds (official widths, measured on 1 and 2 cores of an AMD Zen 5: below them oneDNN's
+    #: direct channels_last convolution is as fast or faster; NNPACK splits a map into 6x6 tiles among threads and
+    #: scales poorly on small maps).
     MIN_WORK = 1 << 18
     MIN_CHANNELS = 128
     PIXELS_PER_EXTRA_THREAD = 2048
@@ -138,21 +129,44 @@ class WinogradConv2d(nn.Conv2d):
             or x.dim() != 4
         ):
             return super().forward(x)
-        pixels = x.shape[-1] * x.shape[-2]
-        if (
-            self.in_channels * pixels < self.MIN_WORK
-            or pixels < self.PIXELS_PER_EXTRA_THREAD * (torch.get_num_threads() - 1)
-            or not nnpack_available()
-        ):
-            return self._conv_forward(x, self._channels_last_weight(), self.bias)
+        if self.kernel_choice(x) == "direct":
+            return self._direct(x)
+        try:
+            return self._winograd(x)
+        except RuntimeError:  # NNPACK reports no reason; the direct convolution computes the same function
+            return self._direct(x)
+
+    def kernel_choice(self, x: Tensor) -> str:
+        """``"winograd"`` or ``"direct"``: the kernel :meth:`forward` runs for float32 CPU input ``x``."""
+        if not nnpack_available():
+            return "direct"
+        mode = choice_mode()
+        if mode in ("winograd", "direct"):
+            return mode
+        if mode == "rules":
+            pixels = x.shape[-1] * x.shape[-2]
+            small = (self.in_channels * pixels < self.MIN_WORK
+                     or pixels < self.PIXELS_PER_EXTRA_THREAD * (torch.get_num_threads() - 1))
+            return "direct" if small else "winograd"
+        layout = "nchw" if x.is_contiguous() else "cl" if x.is_contiguous(memory_format=torch.channels_last) else "strided"
+        key = (f"conv3x3 {self.in_channels}->{self.out_channels} input {'x'.join(map(str, x.shape))} {layout} "
+               f"float32 threads={torch.get_num_threads()}")
+
+        def kernels() -> dict[str, Callable[[], Tensor]]:  # timed on a random input of x's shape and layout
+            probe = torch.empty_like(x).normal_()
+            return {"winograd": lambda: self._winograd(probe), "direct": lambda: self._direct(probe)}
+
+        return measured_choice(key, kernels)
+
+    def _direct(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self._channels_last_weight(), self.bias)
+
+    def _winograd(self, x: Tensor) -> Tensor:
         weight = self.weight.contiguous()
         # NNPACK's batched entry point is slower than oneDNN and fails on some shapes; its single-image
         # ("inference") entry point is the fast one, so images go one at a time.
-        try:
-            outs = [torch._nnpack_spatial_convolution(x[i : i + 1].contiguous(), weight, self.bias, [1, 1], [1, 1])
-                    for i in range(x.shape[0])]
-        except RuntimeError:  # NNPACK reports no reason; the direct convolution computes the same function
-            return self._conv_forward(x, self._channels_last_weight(), self.bias)
+        outs = [torch._nnpack_spatial_convolution(x[i : i + 1].contiguous(), weight, self.bias, [1, 1], [1, 1])
+                for i in range(x.shape[0])]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _channels_last_weight(self) -> Tensor:
