@@ -133,8 +133,8 @@ def _logit_bound(dtype: torch.dtype) -> float:
 
 
 def _flush(x: Tensor, floor: float) -> Tensor:
-    """x with |x| < floor set to exact zero (x itself holds no subnormal: the caller guarantees it)."""
-    return torch.where(x.abs() < floor, 0.0, x)
+    """x with |x| <= floor set to exact zero, in one pass (x itself holds no subnormal: the caller ensures it)."""
+    return F.hardshrink(x, floor)
 
 
 def _log_products(log_probs: Tensor) -> Tensor:
@@ -150,7 +150,7 @@ def _log_products(log_probs: Tensor) -> Tensor:
 def _products(log_probs: Tensor, floor: float) -> Tensor:
     """exp of :func:`_log_products`, exactly zero where the product is below ``floor`` (never subnormal)."""
     logs = _log_products(log_probs)
-    return torch.where(logs < math.log(floor), -math.inf, logs).exp()
+    return logs.masked_fill_(logs < math.log(floor), -math.inf).exp_()
 
 
 def _bit_masks(n_bits: int, like: Tensor) -> Tensor:
@@ -189,9 +189,9 @@ class _CodeSums(torch.autograd.Function):
         x, p_a, p_b = ctx.saved_tensors
         floor = flush_floor(x.dtype)
         tiny = torch.finfo(x.dtype).tiny
-        # scale the incoming gradient to |.| <= 1 and drop what lies F below its largest entry, per group
-        scale = grad.abs().amax(dim=(1, 2), keepdim=True).clamp_min(tiny / floor)
-        grad = torch.where(grad.abs() < scale * floor, 0.0, grad) / scale
+        # scale the incoming gradient to |.| <= 1 and drop what lies F below its largest entry
+        scale = max(grad.abs().amax().item(), tiny / floor)
+        grad = _flush(grad, scale * floor) * (1.0 / scale)
         low = p_a.shape[-1].bit_length() - 1
         parts = []
         for probs, other, g, n_bits in ((p_a, p_b, grad, low), (p_b, p_a, grad.transpose(1, 2), x.shape[-1] - low)):
@@ -203,7 +203,7 @@ class _CodeSums(torch.autograd.Function):
         d_x = _flush(
             _flush(torch.sigmoid(-x), floor) * plus - _flush(torch.sigmoid(x), floor) * minus, floor
         )
-        return d_x * scale.view(-1, 1, 1)
+        return d_x * scale
 
 
 def _code_sums(logits: Tensor) -> Tensor:
