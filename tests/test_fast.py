@@ -184,6 +184,28 @@ def test_dtype_resolution(monkeypatch):
         resolve_dtype("float8")
 
 
+@pytest.mark.parametrize("flags,decoder", [({"avx512f", "amx_tile", "amx_bf16", "avx512_bf16"}, torch.bfloat16),
+                                          ({"avx512f", "avx512_bf16"}, torch.bfloat16),
+                                          ({"avx2", "fma"}, torch.float32)])
+def test_auto_encodes_in_float32_and_decodes_in_bf16_where_native(monkeypatch, model, images, flags, decoder):
+    """dtype="auto": tokens exactly those of a float32 model; the decoder in bf16 only where the CPU has it."""
+    import wetok.fast as fast
+
+    monkeypatch.setattr(fast._cpu, "cpu_flags", lambda: flags)
+    assert fast.auto_dtypes("cpu") == (torch.float32, decoder)
+    auto = optimize(copy.deepcopy(model), dtype="auto")
+    assert auto.encoder.conv_in.weight.dtype == torch.float32 and auto.decoder.conv_in.weight.dtype == decoder
+    with inference():
+        tokens, ref_tokens = auto.encode(images), model.encode(images)
+        rec, ref = auto.decode(tokens.indices), model.decode(tokens.indices)
+    assert torch.equal(tokens.indices, ref_tokens.indices)
+    assert rec.dtype == torch.float32
+    if decoder == torch.float32:
+        assert (rec - ref).abs().max() < 1e-4
+    else:
+        assert 40 <= _psnr(rec, ref) < 100  # bf16 arithmetic: close to, not equal to, float32
+
+
 needs_nnpack = pytest.mark.skipif(not nnpack_available(), reason="this PyTorch build has no NNPACK")
 
 
