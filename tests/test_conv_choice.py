@@ -68,19 +68,21 @@ def test_measured_choice_is_cached_per_machine_and_used(cache, monkeypatch, nnpa
     assert path.parent == cache and _cpu.cpu_key() in path.name and torch.__version__.split("+")[0] in path.name
     data = json.loads(path.read_text())
     (key, entry), = data["choices"].items()
-    assert "128->128" in key and "1x128x24x24" in key and f"threads={torch.get_num_threads()}" in key
+    assert "128->128" in key and "batch~2^0 pixels~2^9" in key and f"threads={torch.get_num_threads()}" in key
     assert entry == {"choice": "winograd", "winograd_s": 1.0, "direct_s": 2.0}
 
-    # a new process (empty memory) reads the file instead of measuring; another shape is measured and added
+    # a new process (empty memory) reads the file instead of measuring, also for a map of about the same size;
+    # a smaller one is measured and added
     monkeypatch.setattr(_convchoice, "_memory", {})
     measured = fake_times(monkeypatch, winograd=2.0, direct=1.0)
     nnpack_calls.clear()
     small = torch.randn(1, 128, 12, 12)
     with inference():
         layer(x)
-        assert measured == [] and nnpack_calls == [1]
+        layer(torch.randn(1, 128, 20, 26))  # 520 pixels: the same size class as 24 x 24 = 576
+        assert measured == [] and nnpack_calls == [1, 1]
         out_small = layer(small)
-        assert len(measured) == 1 and nnpack_calls == [1]  # direct measured faster: NNPACK not called
+        assert len(measured) == 1 and nnpack_calls == [1, 1]  # direct measured faster: NNPACK not called
     assert (out_small.double() - reference(layer, small)).abs().max() < 1e-4
     assert len(json.loads(path.read_text())["choices"]) == 2
 

@@ -3,8 +3,8 @@ shape: measured once, remembered in a per-machine cache file.
 
 The mode comes from the environment variable ``WETOK_CONV_CHOICE``:
 
-* ``measure`` (default): the first call of a layer shape (channels in and out, input shape and layout, torch
-  threads) times both kernels on a random input of that shape (one warm-up, then the best of three, interleaved)
+* ``measure`` (default): the first call of a layer shape (channels in and out, input layout, torch threads, and
+  batch and pixels per map rounded to powers of two) times both kernels on a random input of that shape (one warm-up, then the best of three, interleaved)
   and keeps Winograd only if it is at least 3% faster. Results are stored in
   ``<cache>/conv-choice-<cpu key>-torch<version>.json`` (``<cache>``: ``WETOK_CACHE_DIR``, else
   ``$XDG_CACHE_HOME/wetok``, else ``~/.cache/wetok``), keyed by the CPU model and feature flags

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -163,7 +164,10 @@ class WinogradConv2d(nn.Conv2d):
                      or pixels < self.PIXELS_PER_EXTRA_THREAD * (torch.get_num_threads() - 1))
             return "direct" if small else "winograd"
         layout = "nchw" if x.is_contiguous() else "cl" if x.is_contiguous(memory_format=torch.channels_last) else "strided"
-        key = (f"conv3x3 {self.in_channels}->{self.out_channels} input {'x'.join(map(str, x.shape))} {layout} "
+        # one measurement per size class (batch and pixels rounded to powers of two), so that images of many
+        # sizes do not each pay for one; the measurement uses the first input of the class
+        batch, pixels = round(math.log2(x.shape[0])), round(math.log2(x.shape[-1] * x.shape[-2]))
+        key = (f"conv3x3 {self.in_channels}->{self.out_channels} batch~2^{batch} pixels~2^{pixels} {layout} "
                f"float32 threads={torch.get_num_threads()}")
 
         def kernels() -> dict[str, Callable[[], Tensor]]:  # timed on a random input of x's shape and layout
