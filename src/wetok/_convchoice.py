@@ -4,8 +4,9 @@ shape: measured once, remembered in a per-machine cache file.
 The mode comes from the environment variable ``WETOK_CONV_CHOICE``:
 
 * ``measure`` (default): the first call of a layer shape (channels in and out, input layout, torch threads, and
-  batch and pixels per map rounded to powers of two) times both kernels on a random input of that shape (one warm-up, then the best of three, interleaved)
-  and keeps Winograd only if it is at least 3% faster. Results are stored in
+  batch and pixels per map rounded to powers of two) times both kernels on a random input of that shape (one
+  warm-up, then the best of three, interleaved; CPU time with one torch thread, wall time with several) and
+  keeps Winograd only if it is at least 3% faster. Results are stored in
   ``<cache>/conv-choice-<cpu key>-torch<version>.json`` (``<cache>``: ``WETOK_CACHE_DIR``, else
   ``$XDG_CACHE_HOME/wetok``, else ``~/.cache/wetok``), keyed by the CPU model and feature flags
   (:func:`wetok._cpu.cpu_key`) and torch version, so another CPU or torch measures afresh. The file is rewritten
@@ -87,17 +88,24 @@ def _store(path: Path, key: str, entry: dict) -> None:
         pass  # a read-only cache: measured again by the next process, nothing else is lost
 
 
+def _clock() -> Callable[[], float]:
+    """With one torch thread the process's CPU time (time slices other processes take are not counted, so a busy
+    machine does not flip the choice); with several, wall time (CPU time would count threads waiting)."""
+    return time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
 def _best_times(runs: dict[str, Callable[[], object]]) -> dict[str, float]:
     """One warm-up each, then the best of ``REPS`` interleaved calls (the best is what load disturbs least)."""
     for run in runs.values():
         run()
+    clock = _clock()
     best = {name: float("inf") for name in runs}
     names = list(runs)
     for r in range(REPS):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            start = time.perf_counter()
+            start = clock()
             runs[name]()
-            best[name] = min(best[name], time.perf_counter() - start)
+            best[name] = min(best[name], clock() - start)
     return best
 
 
