@@ -20,6 +20,12 @@ from wetok.official import to_official_state_dict
 CFG = WeTokConfig(channels=32, ch_mult=(1, 2, 2), num_res_blocks=2, z_channels=16, groups=4, bits_per_group=4)
 
 
+@pytest.fixture(autouse=True)
+def _private_conv_cache(monkeypatch, tmp_path):
+    """Convolution choices measured here go to a temporary folder, not the user's cache."""
+    monkeypatch.setenv("WETOK_CACHE_DIR", str(tmp_path / "cache"))
+
+
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     mse = (a.double().clamp(-1, 1) - b.double().clamp(-1, 1)).pow(2).mean()
     return float(10 * torch.log10(4 / mse))
