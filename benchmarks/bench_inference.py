@@ -7,7 +7,9 @@ equivalent). Variants (``--variants``, comma-separated):
 * ``plain``: the baseline, :mod:`plain` (eager, contiguous NCHW float32, separate out-of-place GroupNorm / SiLU /
   add, ``torch.no_grad``), the way the official code runs;
 * ``fast``: ``wetok.fast.optimize(model, dtype="float32")`` under ``wetok.fast.inference()``: its defaults on
-  the CPU, NNPACK Winograd for the wide 3x3 convolutions, channels_last for the others;
+  the CPU, NNPACK Winograd or oneDNN for each wide 3x3 convolution, whichever a one-off measurement on this
+  machine found faster (cached; the first call of each layer shape, in the warm-up, measures), channels_last for
+  the others;
 * ``fast-rules``: ``fast`` with ``WETOK_CONV_CHOICE=rules`` (the fixed Winograd thresholds tuned on one AMD
   Zen 5) instead of the per-machine measured choice ``fast`` makes;
 * ``fast-cl``: float32 with channels_last and oneDNN's direct convolutions (``winograd=False``);
