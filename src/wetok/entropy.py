@@ -197,7 +197,8 @@ class _CodeSums(torch.autograd.Function):
         floor = flush_floor(x.dtype)
         tiny = torch.finfo(x.dtype).tiny
         # scale the incoming gradient to |.| <= 1 and drop what lies F below its largest entry
-        scale = max(grad.abs().amax().item(), tiny / floor)
+        low, high = torch.aminmax(grad)  # one pass, no |grad| temporary
+        scale = max(-low.item(), high.item(), tiny / floor)
         grad = _flush(grad, scale * floor) * (1.0 / scale)
         low = p_a.shape[-1].bit_length() - 1
         parts = []
