@@ -15,6 +15,7 @@ from unittest import mock
 import torch
 
 from wetok import WeTok
+from wetok._cpu import cpu_description
 from wetok.metrics import ReconstructionMetrics, build_lpips
 
 
@@ -82,6 +83,7 @@ def main() -> None:
         "usage": dict(metrics="usage"),
     }
     base = _time(reconstruct)
+    print(cpu_description())
     print(f"device {device}, model {args.model}, {args.images} images of 256 x 256, batch {args.batch_size}")
     print(
         f"| step | s / image | ratio to reconstruct |\n|---|---|---|\n| reconstruct (baseline) | "

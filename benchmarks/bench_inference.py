@@ -7,7 +7,11 @@ equivalent). Variants (``--variants``, comma-separated):
 * ``plain``: the baseline, :mod:`plain` (eager, contiguous NCHW float32, separate out-of-place GroupNorm / SiLU /
   add, ``torch.no_grad``), the way the official code runs;
 * ``fast``: ``wetok.fast.optimize(model, dtype="float32")`` under ``wetok.fast.inference()``: its defaults on
-  the CPU, NNPACK Winograd for the wide 3x3 convolutions, channels_last for the others;
+  the CPU, NNPACK Winograd or oneDNN for each wide 3x3 convolution, whichever a one-off measurement on this
+  machine found faster (cached; the first call of each layer shape, in the warm-up, measures), channels_last for
+  the others;
+* ``fast-rules``: ``fast`` with ``WETOK_CONV_CHOICE=rules`` (the fixed Winograd thresholds tuned on one AMD
+  Zen 5) instead of the per-machine measured choice ``fast`` makes;
 * ``fast-cl``: float32 with channels_last and oneDNN's direct convolutions (``winograd=False``);
 * ``fast-nchw``: float32, NCHW, direct convolutions: what in-place blocks + inference_mode alone give;
 * ``bf16``: ``optimize(model, dtype="bfloat16")``: bfloat16 encoder and decoder, float32 quantizer;
@@ -26,10 +30,12 @@ Run: python benchmarks/bench_inference.py --preset ImageNet_downsample16 --size 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -44,6 +50,7 @@ from wetok.fast import inference, optimize  # noqa: E402
 
 VARIANTS = {  # name -> optimize() keyword arguments
     "fast": dict(dtype="float32"),
+    "fast-rules": dict(dtype="float32"),
     "fast-cl": dict(dtype="float32", channels_last=True, winograd=False),
     "fast-nchw": dict(dtype="float32", channels_last=False, winograd=False),
     "bf16": dict(dtype="bfloat16", channels_last=True),
@@ -51,6 +58,23 @@ VARIANTS = {  # name -> optimize() keyword arguments
     "compile-nchw": dict(dtype="float32", channels_last=False, compile=True),
     "compile-bf16": dict(dtype="bfloat16", channels_last=True, compile=True),
 }
+
+
+ENVIRONMENT = {"fast-rules": {"WETOK_CONV_CHOICE": "rules"}}  # name -> environment while it runs
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def load_base(preset: str, checkpoint: str | None) -> WeTok:
@@ -84,14 +108,16 @@ def build(base: WeTok, names: list[str]) -> tuple[dict[str, Callable], dict[str,
             continue
         model = optimize(base if name == "fast-nchw" else copy.deepcopy(base), **VARIANTS[name])
 
-        def run(x, model=model):  # model.encode + model.decode, keeping the latent for the accuracy figures
-            with inference():
+        env = ENVIRONMENT.get(name, {})
+
+        def run(x, model=model, env=env):  # model.encode + model.decode, keeping the latent
+            with inference(), environment(env):
                 latent = model.encode_latent(x)
                 indices = model.quantizer(latent).indices
                 return latent, indices, model.decode(indices)
 
-        def decode(indices, model=model):
-            with inference():
+        def decode(indices, model=model, env=env):
+            with inference(), environment(env):
                 return model.decode(indices)
 
         runs[name], decoders[name] = run, decode

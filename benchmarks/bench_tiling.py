@@ -133,6 +133,9 @@ def main() -> None:
     def extra(r: dict) -> float:
         return r["peak_mb"] - r["baseline_mb"]
 
+    from wetok._cpu import cpu_description
+
+    print(cpu_description())
     print(f"model {args.model}, tiles of {args.tile} px, device {args.device}; memory: resident set of a fresh "
           "process, 'before' = after loading the model and the image, 'peak' = the highest during the run")
     print(f"{'run':44s} {'before MB':>10s} {'peak MB':>9s} {'extra MB':>9s} {'extra / untiled':>15s} {'s':>7s}")

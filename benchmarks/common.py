@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -12,24 +11,15 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
+from wetok._cpu import cpu_description
 from wetok.image import pil_to_tensor
 
 DEFAULT_IMAGES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "images", "val")
 
 
 def machine() -> str:
-    """CPU model, logical CPUs, torch threads and version: the line every benchmark prints first."""
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (f"{model}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    """The line every benchmark prints first: CPU model, AMX / AVX512-BF16, torch version and threads."""
+    return cpu_description()
 
 
 def load_images(folder: str, count: int, size: int) -> torch.Tensor:

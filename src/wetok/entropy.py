@@ -27,6 +27,13 @@ Entropies are in nats. The entropy of a distribution uses p * log(max(p, tiny)) 
 results match a brute force exactly), while the gradient at p = 0 stays finite (log(tiny) * dp/du with dp/du = 0)
 instead of inf * 0 = NaN when float32 probabilities underflow at tau = 0.01.
 
+No subnormal number reaches any operation, forward or backward: float32 GEMMs over subnormals run tens of
+times slower on some CPUs, and ``torch.set_flush_denormal`` only covers the calling thread. P_A and P_B are built
+as exp of summed log-sigmoids, with every product below F = 2^(minexp/3) (:func:`flush_floor`, 2^-42 in float32)
+set to exact zero; the backward of the code sums is written out (:class:`_CodeSums`) with its factors flushed the
+same way; bit entropies are exactly zero beyond |logit| = log(1/sqrt(tiny)). What is dropped is below float32
+round-off of every entropy and gradient (float64 keeps F = 2^-341).
+
 Everything is computed in float32 at least, with autocast disabled; float64 input stays float64.
 Under ``torch.distributed`` the batch-mean distributions are averaged over all processes, weighted by each
 process's number of positions, before any entropy is taken (see :func:`batch_distributions`).
@@ -34,6 +41,7 @@ process's number of positions, before any entropy is taken (see :func:`batch_dis
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -54,6 +62,7 @@ __all__ = [
     "entropy_of",
     "entropy_terms",
     "flatten_positions",
+    "flush_floor",
     "token_entropy",
 ]
 
@@ -92,10 +101,13 @@ def _check(latents: Tensor, groups: int, temperature: float) -> tuple[int, int]:
 def bit_entropy(logits: Tensor) -> Tensor:
     """Entropy (nats) of Bernoulli(sigmoid(logits)), element-wise, finite and NaN-free at any saturation.
 
-    H = p * softplus(-x) + (1 - p) * softplus(x) with 1 - p computed as sigmoid(-x), so both halves stay
-    accurate when |x| is large (no cancellation of the form softplus(x) - x * p).
+    H = softplus(-|x|) + |x| * sigmoid(-|x|) (the symmetric form of p * softplus(-x) + (1 - p) * softplus(x), no
+    cancellation). Beyond |x| = log(1/sqrt(tiny)) (43.7 in float32, where H < 5e-18) it is exactly zero, so
+    neither the value nor its gradient ever holds a subnormal number.
     """
-    return torch.sigmoid(logits) * F.softplus(-logits) + torch.sigmoid(-logits) * F.softplus(logits)
+    bound = _logit_bound(logits.dtype)
+    a = logits.abs().clamp_max(bound)
+    return torch.where(logits.abs() >= bound, 0.0, F.softplus(-a) + a * torch.sigmoid(-a))
 
 
 def token_entropy(
@@ -113,26 +125,101 @@ def token_entropy(
         return token / groups if token_reduction == "mean" else token
 
 
-def _bit_products(probs: Tensor) -> Tensor:
-    """probs (..., n_bits, 2) [P(bit=-1), P(bit=+1)] -> (..., 2^n_bits) products over bits, bit 0 least
-    significant. Built one bit at a time: appending bit j maps index a to a + 2^j * bit_j."""
-    out = probs.new_ones(*probs.shape[:-2], 1)
-    for j in range(probs.shape[-2]):
-        out = (probs[..., j, :].unsqueeze(-1) * out.unsqueeze(-2)).flatten(-2)
+def flush_floor(dtype: torch.dtype) -> float:
+    """F = 2^(minexp/3) (2^-42 for float32, 2^-341 for float64): the smallest magnitude a probability-like factor
+    keeps in :func:`batch_distributions` and its backward. Two factors >= F multiply to >= F^2, sums of such
+    products stay on a grid far above the subnormal range, so no GEMM, product or reduction meets a subnormal."""
+    min_exponent = math.frexp(torch.finfo(dtype).tiny)[1] - 1  # tiny = 2^min_exponent
+    return 2.0 ** (min_exponent // 3)
+
+
+def _logit_bound(dtype: torch.dtype) -> float:
+    """Logits are clamped to +-log(1/sqrt(tiny)) (43.7 for float32): sigmoid(-|x|) >= sqrt(tiny) stays normal. A bit
+    that far out has an unlikely side below F, flushed anyway, so clamping changes no result."""
+    return -0.5 * math.log(torch.finfo(dtype).tiny)
+
+
+def _flush(x: Tensor, floor: float) -> Tensor:
+    """x with |x| <= floor set to exact zero, in one pass (x itself holds no subnormal: the caller ensures it)."""
+    return F.hardshrink(x, floor)
+
+
+def _log_products(log_probs: Tensor) -> Tensor:
+    """log_probs (..., n_bits, 2) [log P(bit=-1), log P(bit=+1)] -> (..., 2^n_bits) log-products over bits, bit 0
+    least significant. Built one bit at a time: appending bit j maps index a to a + 2^j * bit_j. Every term is
+    <= 0, so the sums never cancel towards zero."""
+    out = log_probs.new_zeros(*log_probs.shape[:-2], 1)
+    for j in range(log_probs.shape[-2]):
+        out = (log_probs[..., j, :].unsqueeze(-1) + out.unsqueeze(-2)).flatten(-2)
     return out
 
 
-def _code_sums(bit_probs: Tensor) -> Tensor:
-    """bit_probs (G, N, m, 2) -> (G, 2^m): sum over the N positions of each group's code distribution.
+def _products(log_probs: Tensor, floor: float) -> Tensor:
+    """exp of :func:`_log_products`, exactly zero where the product is below ``floor`` (never subnormal)."""
+    logs = _log_products(log_probs)
+    return logs.masked_fill_(logs < math.log(floor), -math.inf).exp_()
+
+
+def _bit_masks(n_bits: int, like: Tensor) -> Tensor:
+    """(2^n_bits, 2 n_bits) 0/1 matrix: column j selects the codes with bit j = +1, column n_bits + j those with -1."""
+    ones = (torch.arange(2**n_bits, device=like.device)[:, None] >> torch.arange(n_bits, device=like.device)) & 1
+    return torch.cat([ones, 1 - ones], dim=1).to(like.dtype)
+
+
+class _CodeSums(torch.autograd.Function):
+    """logits (G, N, m) of the per-bit probabilities -> (G, 2^|B|, 2^|A|) position sums of each group's code
+    distribution, with a backward written out so that its intermediates are flushed like the forward's.
+
+    Forward: P_A, P_B (N x 2^|A|, N x 2^|B|, probabilities below F set to zero) from log-sigmoids summed bit by
+    bit, then sums = P_B^T P_A. Backward, with Gs = dL/dsums scaled by its largest magnitude (so that everything
+    is <= 1 and flushed at F): dL/dP_A = P_B Gs, W = dL/dP_A * P_A, and since
+    dP(c)/dx_j = P(c) * (sigmoid(-x_j) if bit j of c is +1 else -sigmoid(x_j)),
+    dL/dx_j = sigmoid(-x_j) * sum_{c: bit j = +1} W_c - sigmoid(x_j) * sum_{c: bit j = -1} W_c (one GEMM with
+    :func:`_bit_masks`). Hand-written because autograd's backward of the products multiplies three small factors
+    and produces the subnormals this module avoids.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor) -> Tensor:  # type: ignore[override]
+        floor = flush_floor(logits.dtype)
+        bound = _logit_bound(logits.dtype)
+        x = logits.clamp(-bound, bound)
+        log_probs = torch.stack([F.logsigmoid(-x), F.logsigmoid(x)], dim=-1)  # (G, N, m, 2)
+        low = (x.shape[-1] + 1) // 2
+        p_a = _products(log_probs[..., :low, :], floor)  # (G, N, 2^|A|)
+        p_b = _products(log_probs[..., low:, :], floor)  # (G, N, 2^|B|)
+        ctx.save_for_backward(x, p_a, p_b)
+        return torch.bmm(p_b.transpose(1, 2), p_a)  # row b, column a; products >= F^2, no subnormal
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        x, p_a, p_b = ctx.saved_tensors
+        floor = flush_floor(x.dtype)
+        tiny = torch.finfo(x.dtype).tiny
+        # scale the incoming gradient to |.| <= 1 and drop what lies F below its largest entry
+        low, high = torch.aminmax(grad)  # one pass, no |grad| temporary
+        scale = max(-low.item(), high.item(), tiny / floor)
+        grad = _flush(grad, scale * floor) * (1.0 / scale)
+        low = p_a.shape[-1].bit_length() - 1
+        parts = []
+        for probs, other, g, n_bits in ((p_a, p_b, grad, low), (p_b, p_a, grad.transpose(1, 2), x.shape[-1] - low)):
+            d_probs = _flush(torch.bmm(other, g), floor)  # dL/dP, |.| <= 1 since each row of `other` sums to <= 1
+            sums = _flush((d_probs * probs) @ _bit_masks(n_bits, x), floor)  # (G, N, 2 n_bits)
+            parts.append((sums[..., :n_bits], sums[..., n_bits:]))
+        (plus_a, minus_a), (plus_b, minus_b) = parts
+        plus, minus = torch.cat([plus_a, plus_b], -1), torch.cat([minus_a, minus_b], -1)
+        d_x = _flush(
+            _flush(torch.sigmoid(-x), floor) * plus - _flush(torch.sigmoid(x), floor) * minus, floor
+        )
+        return d_x * scale
+
+
+def _code_sums(logits: Tensor) -> Tensor:
+    """logits (G, N, m) of p(bit = +1) -> (G, 2^m): sum over the N positions of each group's code distribution.
 
     Uses sum_n q(a + 2^|A| b) = (P_B^T P_A)[b, a] with A the low ceil(m/2) bits; memory O(N 2^ceil(m/2)).
     """
-    m = bit_probs.shape[-2]
-    low = (m + 1) // 2
-    p_a = _bit_products(bit_probs[..., :low, :])  # (G, N, 2^|A|)
-    p_b = _bit_products(bit_probs[..., low:, :])  # (G, N, 2^|B|)
-    sums = torch.bmm(p_b.transpose(1, 2), p_a)  # (G, 2^|B|, 2^|A|): row b, column a
-    return sums.flatten(1)
+    return _CodeSums.apply(logits).flatten(1)
 
 
 def _is_distributed(distributed: bool | None) -> bool:
@@ -208,18 +295,17 @@ def batch_distributions(
             f"the joint codebook entropy over 2^{d} codes is refused above max_joint_bits={max_joint_bits}"
         )
     with _full_precision(latents) as u:
-        x = u * (4.0 / temperature)
-        bit_probs = torch.stack([torch.sigmoid(-x), torch.sigmoid(x)], dim=-1)  # (N, d, 2)
+        x = u * (4.0 / temperature)  # (N, d) logits of p(bit = +1)
         sums: dict[str, Tensor] = {}
         if "grouped" in forms or "pooled" in forms:
-            per_group = bit_probs.reshape(-1, groups, bits_per_group, 2).transpose(0, 1)  # (g, N, d', 2)
+            per_group = x.reshape(-1, groups, bits_per_group).transpose(0, 1)  # (g, N, d')
             group_sums = _code_sums(per_group)  # (g, 2^d')
             if "grouped" in forms:
                 sums["grouped"] = group_sums
             if "pooled" in forms:
                 sums["pooled"] = group_sums.mean(0)
         if "joint" in forms:
-            sums["joint"] = _code_sums(bit_probs.unsqueeze(0))[0]  # (2^d,)
+            sums["joint"] = _code_sums(x.unsqueeze(0))[0]  # (2^d,)
         count = torch.tensor(float(u.shape[0]), dtype=u.dtype, device=u.device)
         if _is_distributed(distributed):
             names = list(sums)
