@@ -40,6 +40,12 @@ CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # the fast path's measured convolution choices go to a folder of this run, not the user's ~/.cache (inherited
+    # by the CLI subprocesses the tests start)
+    if "WETOK_CACHE_DIR" not in os.environ:
+        import tempfile
+
+        os.environ["WETOK_CACHE_DIR"] = tempfile.mkdtemp(prefix="wetok-test-cache-")
     config.addinivalue_line(
         "markers", "shared(*paths): needs these files of the shared folder; fails under CI=true if missing, else skips"
     )

@@ -65,10 +65,10 @@ def add_model_options(p: argparse.ArgumentParser, *, speed: bool = True) -> None
         g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model precision (default float32)")
         return
     g.add_argument("--dtype", choices=[*sorted(DTYPES), "auto"], default="float32",
-                   help="compute precision (default float32). auto: bfloat16 where the device has native bf16 "
-                   "arithmetic (AVX512-BF16 / AMX CPUs, recent GPUs), else float32. bfloat16 is 2-3.5x faster on "
-                   "such CPUs; its reconstructions agree with float32 to ~48 dB PSNR, but a bfloat16 encoder "
-                   "gives a different token at ~1%% of positions, so it is not the default")
+                   help="compute precision (default float32: the same output on every machine). auto: the encoder "
+                   "in float32 (exact tokens) and the decoder in bfloat16 where the device computes bf16 natively "
+                   "(GPUs, AMX or AVX512-BF16 CPUs), else float32; bfloat16: the whole model, which changes some "
+                   "tokens (README, Precision)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the encoder and decoder (compiles once per image size; pays off on GPUs, "
                    "slower than the default fast path on small CPUs)")
@@ -141,7 +141,7 @@ def load_model_from_args(args: argparse.Namespace) -> tuple[WeTok, str]:
     A randomly initialised model is seeded, so that e.g. ``encode`` then ``decode`` use the same weights, and
     announced in one line on stderr (unless --quiet).
     """
-    from ..fast import optimize, resolve_dtype
+    from ..fast import auto_dtypes, optimize, resolve_dtype
     from .models import load_model, random_init_note
 
     given = args.model is not None
@@ -152,12 +152,16 @@ def load_model_from_args(args: argparse.Namespace) -> tuple[WeTok, str]:
     if random_init and given:
         note(args, random_init_note(spec))
     model.weights_id  # noqa: B018  (computed now, on the loaded float32 weights, before any dtype change)
-    dtype = resolve_dtype(args.dtype, device)
-    if getattr(args, "fast", False):
-        return optimize(model, device=device, dtype=dtype, compile=args.compile), spec
+    if getattr(args, "fast", False):  # optimize splits "auto": float32 encoder, bf16 decoder where native
+        return optimize(model, device=device, dtype=args.dtype, compile=args.compile), spec
     if getattr(args, "compile", False):
         raise InputError("--compile", "does not combine with --no-fast")
-    model = model.to(device=device, dtype=dtype).eval()
+    if args.dtype == "auto":
+        encoder_dtype, decoder_dtype = auto_dtypes(device)
+        model = model.to(device=device, dtype=encoder_dtype).eval()
+        model.decoder.to(dtype=decoder_dtype)
+    else:
+        model = model.to(device=device, dtype=resolve_dtype(args.dtype, device)).eval()
     model.requires_grad_(False)
     return model, spec
 
