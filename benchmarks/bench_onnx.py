@@ -32,25 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_IMAGES, interleaved, load_images, machine  # noqa: E402
 
 from wetok import WeTok  # noqa: E402
+from wetok._cpu import cpu_description  # noqa: E402
 from wetok.fast import inference, optimize  # noqa: E402
 from wetok.onnx_export import export_onnx  # noqa: E402
-
-
-def cpu_features() -> str:
-    """The CPU model and whether it has AMX and AVX512-BF16 (from /proc/cpuinfo)."""
-    model, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model == "unknown CPU":
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    amx = "yes" if {"amx_bf16", "amx_tile"} & flags else "no"
-    bf16 = "yes" if "avx512_bf16" in flags else "no"
-    return f"{model}; AMX: {amx}; AVX512-BF16: {bf16}"
 
 
 def session(path: Path, threads: int):
@@ -80,7 +64,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     print(machine())
-    print(f"CPU: {cpu_features()}")
+    print(f"CPU: {cpu_description()}")
     print(f"onnxruntime {ort.__version__}, {args.threads} intra-op thread(s); batch {args.batch}; model {args.model}")
 
     model = WeTok.from_pretrained(args.model).eval().requires_grad_(False)
