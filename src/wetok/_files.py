@@ -90,3 +90,39 @@ def atomic_folder(path: str | Path, write: Callable[[Path], object]) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def regular_file_size(path: str | os.PathLike, what: str = "file") -> int:
+    """The size of the regular file ``path``, or one :class:`InputError`: a pipe, a device (``/dev/zero``), a socket
+    or a folder is refused from ``stat``, before anything opens it (reading one would block or never end)."""
+    import stat
+
+    path = Path(path)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except OSError as err:
+        raise InputError(path, f"cannot read {what}: {(err.strerror or str(err)).lower()}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise InputError(path, f"is a directory, not a {what}")
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError(path, f"is not a regular file (a pipe, device or socket), so not a {what}")
+    return info.st_size
+
+
+def read_limited(path: str | os.PathLike, limit: int, what: str = "file") -> bytes:
+    """The bytes of the regular file ``path`` (:func:`regular_file_size`) of at most ``limit`` bytes, or one
+    :class:`InputError`. The limit is checked from the size and again while reading (a file that grows)."""
+    path = Path(path)
+    size = regular_file_size(path, what)
+    if size > limit:
+        raise InputError(path, f"{what} of {size} bytes is larger than the limit of {limit} bytes")
+    try:
+        with open(path, "rb") as file:
+            data = file.read(limit + 1)
+    except OSError as err:
+        raise InputError(path, f"cannot read {what}: {(err.strerror or str(err)).lower()}") from None
+    if len(data) > limit:
+        raise InputError(path, f"{what} grew past the limit of {limit} bytes while being read")
+    return data

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ._files import atomic_write
+from ._files import atomic_write, read_limited
 from ._hub import hub_file, hub_snapshot
 from ._state import check_state, expected_shapes, safetensors_shapes
 from .config import WeTokConfig
@@ -58,9 +58,7 @@ def read_config_json(path: str | Path) -> dict:
     wetok reads, its ``wetok_format_version`` removed."""
     path = Path(path)
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise InputError(path, f"a config larger than {MAX_CONFIG_BYTES // 2**20} MiB is refused")
-        data = json.loads(path.read_text())
+        data = json.loads(read_limited(path, MAX_CONFIG_BYTES, "config").decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
         raise InputError(path, f"cannot read config: {err}") from err
     if not isinstance(data, dict):

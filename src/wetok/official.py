@@ -18,6 +18,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from ._files import read_limited
 from ._hub import hub_file
 from ._state import check_state, expected_shapes, read_torch_file
 from ._validate import check_int
@@ -85,9 +86,7 @@ def read_yaml(path: str | Path, what: str = "YAML file") -> Any:
     """A YAML file parsed with ``yaml.safe_load`` (at most :data:`MAX_CONFIG_BYTES`), or one InputError."""
     path = Path(path)
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise InputError(path, f"a {what} larger than {MAX_CONFIG_BYTES // 2**20} MiB is refused")
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(read_limited(path, MAX_CONFIG_BYTES, what).decode("utf-8"))
     except OSError as err:
         raise InputError(path, f"cannot read {what}: {err.strerror or err}") from err
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError, ValueError) as err:

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ._files import atomic_write
+from ._files import atomic_write, regular_file_size
 from .data import BadImage, find_images, folder_labels, load_rgb, short_side_resize_check
 from .errors import InputError
 from .image import pil_to_tensor
@@ -145,7 +145,7 @@ def read_lines(path: str | Path, what: str) -> Iterator[tuple[int, str]]:
     :data:`MAX_LINE_CHARS` before reading them whole."""
     path = Path(path)
     try:
-        if path.stat().st_size > MAX_LIST_BYTES:
+        if regular_file_size(path, what) > MAX_LIST_BYTES:
             raise InputError(path, f"the {what} is larger than the {MAX_LIST_BYTES}-byte limit")
         with open(path, encoding="utf-8", newline=None) as f:
             for number, line in enumerate(iter(lambda: f.readline(MAX_LINE_CHARS + 1), ""), 1):

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._files import read_limited
 from ._json import parse_json
 from .errors import InputError, ModelMismatchError
 from .tokens import (
@@ -47,7 +48,10 @@ from .tokens import (
     unpack_indices,
 )
 
-__all__ = ["DEFAULT_MAX_PIXELS", "TokenFile", "open_tokens"]
+__all__ = ["DEFAULT_MAX_PIXELS", "MAX_TOKEN_FILE_BYTES", "TokenFile", "open_tokens"]
+
+#: Largest token file read (bytes): it is read whole; 1 GiB holds ~100 million 8-bit indices.
+MAX_TOKEN_FILE_BYTES = 1 << 30
 
 _JSON_DTYPES = {"uint8": "<u1", "uint16": "<u2", "int16": "<i2", "int32": "<i4", "uint32": "<u4", "int64": "<i8"}
 _META_FIELDS = {"format_version", "model_id", "weights_id", "model", "batch", "latent_height", "latent_width",
@@ -96,14 +100,7 @@ def open_tokens(path: str | Path, model: Any = None, *, max_pixels: int | None =
     fork's JSON); a mismatch raises :class:`ModelMismatchError`, every other defect :class:`InputError`."""
     config = _config_of(model)
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except IsADirectoryError:
-        raise InputError(path, "is a directory, not a token file") from None
-    except OSError as e:
-        raise InputError(path, f"cannot read ({e.strerror})") from None
+    data = read_limited(path, MAX_TOKEN_FILE_BYTES, "token file")  # no pipes or devices: they never end
     if not data:
         raise InputError(path, "empty file (0 bytes)")
     if data[:4] == MAGIC:

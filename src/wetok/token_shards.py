@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ._files import atomic_write
+from ._files import atomic_write, read_limited, regular_file_size
 from .errors import InputError, ModelMismatchError, printable
 
 __all__ = [
@@ -169,16 +169,7 @@ def read_index(path: str | Path) -> ShardIndex:
     if not path.is_file():
         raise InputError(path, "no token-shard index here (made by `wetok tokenize`; an interrupted run has none: "
                                "run it again to finish)")
-    try:
-        size = path.stat().st_size
-    except OSError as err:
-        raise InputError(path, f"cannot read the token-shard index ({err.strerror or err})") from None
-    if size > MAX_INDEX_BYTES:
-        raise InputError(path, f"index of {size} bytes is larger than the {MAX_INDEX_BYTES}-byte limit")
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise InputError(path, f"cannot read the token-shard index ({err.strerror or err})") from None
+    raw = read_limited(path, MAX_INDEX_BYTES, "token-shard index")
     data = _parse_json(path, raw, "not a wetok token-shard index: invalid JSON")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise InputError(path, f"not a wetok token-shard index (no \"format\": \"{FORMAT}\")")
@@ -278,7 +269,7 @@ def read_shard_header(path: str | Path) -> tuple[dict[str, str], dict[str, Tenso
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
+        size = regular_file_size(path, "token shard")  # not a pipe: opening one would block
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:

@@ -21,6 +21,7 @@ import yaml
 from torch import Tensor
 
 from .. import official as tok_official
+from .._files import read_limited
 from ..checkpoints import _load_exact
 from ..config import WeTokConfig
 from ..errors import CheckpointError, InputError
@@ -56,9 +57,7 @@ MAX_YAML_BYTES = 1 << 20
 
 def _read_yaml(path: Path) -> Any:
     try:
-        if path.stat().st_size > MAX_YAML_BYTES:
-            raise InputError(path, f"YAML config larger than the {MAX_YAML_BYTES}-byte limit")
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(read_limited(path, MAX_YAML_BYTES, "YAML config").decode("utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as err:
         raise InputError(path, f"cannot read YAML config: {_one_line(err)}") from err
 
