@@ -103,3 +103,22 @@ def test_training_on_shards_saves_the_stream_state(shards, tmp_path):
     cursors = ckpt["shard_state"]["cursors"]
     assert cursors.shape == (1, 2, 4) and cursors[0, :, 0].tolist() == [1, 1]  # both worker streams consumed
     assert (tmp_path / "run" / "train_shards.txt").read_text().count(".tar") == 4
+
+
+def test_members_over_the_size_limit_are_skipped_unread(tmp_path, monkeypatch):
+    import wetok.train.shards as shards_module
+
+    small = [_png(10 * v) for v in range(1, 5)]
+    big = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # noise: a PNG far larger
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, format="PNG")
+    assert len(buf.getvalue()) > 2 * max(map(len, small))
+    with tarfile.open(tmp_path / "part.tar", "w") as tar:
+        _add(tar, "big.png", buf.getvalue())
+        for k, data in enumerate(small):
+            _add(tar, f"s{k}.png", data)
+    monkeypatch.setattr(shards_module, "MAX_MEMBER_BYTES", max(map(len, small)))  # as a sparse 1 TB member would be
+    loader = build_shard_loader([str(tmp_path / "part.tar")], CropSpec(32), micro_batch=4, seed=0, rank=0,
+                                world=1, num_workers=0)
+    batch = next(iter(loader))
+    assert sorted(_values(batch)) == [10, 20, 30, 40] and int(torch.as_tensor(batch["skipped"]).sum()) == 1

@@ -40,6 +40,9 @@ __all__ = ["ShardStream", "build_shard_loader", "expand_shards", "is_shard_sourc
 
 log = logging.getLogger(__name__)
 
+#: Largest image member of a tar shard read (bytes); a larger one is skipped as a bad image.
+MAX_MEMBER_BYTES = 256 << 20
+
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
@@ -153,6 +156,9 @@ class ShardStream(IterableDataset):
                         key, member = index[visit[sample]]
                         rng = sample_rng(self.seed, f"{shard_index}:{key}:{epoch}")
                         try:
+                            if member.size > MAX_MEMBER_BYTES:  # (a sparse member can claim any size)
+                                raise InputError(member.name, f"{member.size} bytes, over the limit of "
+                                                              f"{MAX_MEMBER_BYTES} for one image")
                             image = self.spec(decode_image(tar.extractfile(member).read(), member.name), rng)
                         except (OSError, ValueError, FilteredOut, tarfile.TarError, InputError) as err:
                             log.warning("skipping %s in %s: %s", member.name, shard, err)
