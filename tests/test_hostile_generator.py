@@ -327,6 +327,7 @@ def test_bad_file_lists(tmp_path: Path) -> None:
         ("a.png\t" + "9" * 5000 + "\n", "not among the class names"),  # not a number: a (missing) class name
         ("a.png\t\u00b2\n", "not among the class names"),  # a superscript two is no class number
         ("a\0b.png\t1\n", "NUL"),
+        ("a.png\t0\nb.png\t-1\n", "labels mix class numbers and class names (e.g. '-1')"),  # not renumbered
         ("x" * 20000 + "\t1\n", "longer than"),
         (b"\xff\xfe\t1\n".decode("latin-1"), None),
     ]

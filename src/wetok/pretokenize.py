@@ -3,7 +3,7 @@
 Sources: a folder per class (ImageNet ``train/<wnid>/*.JPEG``: label = index of the folder name in sorted order,
 as in the official loader) or a file list (``path<TAB>label`` or ``path,label`` per line, relative paths taken
 from the list's folder; integer labels are used as they are, other labels are class names numbered in sorted
-order).
+order; one list holds one kind).
 
 Preprocessing is deterministic (the official AR training draws a random 256 crop per step instead). Views:
 
@@ -115,7 +115,11 @@ def read_file_list(path: str | Path, class_names: Sequence[str] | None = None) -
     if not rows:
         raise InputError(path, "the file list names no image")
     labels = [label for _, label in rows]
-    if all(_is_number(label) for label in labels):
+    numeric = [_is_number(label) for label in labels]
+    if any(numeric) and not all(numeric):  # e.g. "-1" among class numbers: renumbering them all would be silent
+        odd = labels[numeric.index(False)] if numeric[0] else labels[numeric.index(True)]
+        raise InputError(path, f"labels mix class numbers and class names (e.g. {shown(repr(odd))}); use one kind")
+    if all(numeric):
         numbers = [int(label) for label in labels]
         if max(numbers) >= MAX_CLASSES:
             raise InputError(path, f"label {max(numbers)} is over the limit of {MAX_CLASSES} classes")
