@@ -101,7 +101,7 @@ def test_real_measurement_picks_a_kernel_and_matches_float64(cache, nnpack_calls
     assert (out.double() - reference(layer, x)).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("content", ["not json", "[]", '{"format": 1, "choices": {"k": {"choice": "fft"}}}'])
+@pytest.mark.parametrize("content", ["not json", "[]", '{"format": 2, "choices": {"k": {"choice": "fft"}}}'])
 def test_a_malformed_cache_file_is_ignored_and_replaced(cache, monkeypatch, content):
     path = _convchoice.cache_path()
     path.write_text(content)
@@ -109,7 +109,7 @@ def test_a_malformed_cache_file_is_ignored_and_replaced(cache, monkeypatch, cont
     with inference():
         conv()(torch.randn(1, 128, 16, 16))
     assert len(measured) == 1
-    assert json.loads(path.read_text())["format"] == 1
+    assert json.loads(path.read_text())["format"] == 2
 
 
 def test_forced_kernels_and_bad_mode(cache, monkeypatch, nnpack_calls):
@@ -153,3 +153,21 @@ def test_cpu_features_and_key(monkeypatch):
     monkeypatch.setattr(_cpu, "_cpuinfo", lambda: {"model name": "AMD EPYC", "flags": "avx512f avx512_bf16"})
     assert not _cpu.has_amx() and "AMX-BF16: no" in _cpu.cpu_description()
     assert _cpu.cpu_key() != amx_key  # another CPU, another cache file
+
+
+def test_each_kernel_is_timed_on_its_own_layout_whatever_the_input_layout(cache, monkeypatch):
+    # a layer's choice sets the layout the next layers get: timing Winograd on a channels_last input would charge
+    # it a conversion a chain of Winograd layers pays once, and keep a greedy layer-by-layer choice channels_last
+    seen = []
+    layer = conv()
+    monkeypatch.setattr(WinogradConv2d, "_winograd", lambda self, x: seen.append(("winograd", x.is_contiguous())))
+    monkeypatch.setattr(WinogradConv2d, "_direct", lambda self, x: seen.append(
+        ("direct", x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())))
+    measured = fake_times(monkeypatch, winograd=1.0, direct=2.0)
+    x = torch.randn(1, 128, 16, 16)
+    for inp in (x.contiguous(memory_format=torch.channels_last), x):  # one size class, one measurement
+        assert layer.kernel_choice(inp) == "winograd"
+    assert len(measured) == 1
+    for run in measured[0].values():
+        run()
+    assert sorted(seen) == [("direct", True), ("winograd", True)]

@@ -3,8 +3,9 @@ shape: measured once, remembered in a per-machine cache file.
 
 The mode comes from the environment variable ``WETOK_CONV_CHOICE``:
 
-* ``measure`` (default): the first call of a layer shape (channels in and out, input layout, torch threads, and
-  batch and pixels per map rounded to powers of two) times both kernels on a random input of that shape (one
+* ``measure`` (default): the first call of a layer shape (channels in and out, torch threads, and batch and
+  pixels per map rounded to powers of two) times both kernels, each on a random input of that shape in its own
+  layout (Winograd NCHW, oneDNN channels_last: what a chain of such layers passes on; one
   warm-up, then the best of three, interleaved; CPU time with one torch thread, wall time with several) and
   keeps Winograd only if it is at least 3% faster. Results are stored in
   ``<cache>/conv-choice-<cpu key>-torch<version>.json`` (``<cache>``: ``WETOK_CACHE_DIR``, else
@@ -41,7 +42,7 @@ MODES = ("measure", "rules", "winograd", "direct")
 #: Winograd must beat the direct convolution by this factor to be chosen (ties go to the direct kernel).
 MARGIN = 0.97
 REPS = 3
-_FORMAT = 1
+_FORMAT = 2  # 2: one entry per shape, each kernel timed on its own layout (1: per input layout)
 
 _lock = threading.Lock()
 _memory: dict[str, dict[str, dict]] = {}  # cache path -> key -> entry, what this process has read or measured
