@@ -21,9 +21,7 @@ duplicates) and the metric sums are all-reduced, so any number of processes give
 from __future__ import annotations
 
 import logging
-import platform
 from collections.abc import Iterable, Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ._distributed import rank_and_world
+from ._versions import library_versions
 from .autoencoder import draw_noise
 from .data import (
     ImageDataset,
@@ -76,16 +75,6 @@ def image_noise(model: nn.Module, indices: Tensor, image_index: Tensor, seed: in
         state = int(np.random.SeedSequence([seed, int(i)]).generate_state(1, dtype=np.uint64)[0] >> 1)
         noise.append(draw_noise((cfg.z_channels, h, w), torch.Generator().manual_seed(state)))
     return torch.stack(noise)
-
-
-def _library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in ("wetok", *_VERSIONED):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 def _paths(
@@ -272,7 +261,7 @@ def evaluate(
             "limit": limit,
         },
         "model": _model_summary(model),
-        "versions": _library_versions(),
+        "versions": library_versions(("wetok", *_VERSIONED)),
     }
     return report
 

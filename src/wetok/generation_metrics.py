@@ -27,10 +27,8 @@ processes (up to the last bits that float32 convolutions may change with the bat
 from __future__ import annotations
 
 import math
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._versions import library_versions
 from .errors import InputError
 from .fid import FeatureStats, InceptionFeatures, frechet_distance
 from .image_sets import FolderImages, NpzImages, npz_headers, open_images, read_stats
@@ -56,6 +55,8 @@ __all__ = [
 ]
 
 GENERATION_METRICS = ("fid", "is", "pr")
+#: Distributions whose versions a report records.
+_VERSIONED = ("wetok", "torch", "numpy", "scipy", "pytorch-fid", "torch-fidelity", "pillow")
 #: Most images of a sample or reference set (2048 float32 features each, ~8 GiB for the limit).
 MAX_IMAGES = 1_000_000
 ADM_IS_SPLIT_SIZE = 5000
@@ -262,16 +263,6 @@ def parse_generation_metrics(names: str | list[str] | tuple[str, ...]) -> tuple[
     return tuple(m for m in GENERATION_METRICS if m in wanted)
 
 
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in ("wetok", "torch", "numpy", "scipy", "pytorch-fid", "torch-fidelity", "pillow"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
 def _check_counts(
     samples: NpzImages | FolderImages, reference: Reference, names: tuple[str, ...], k: int
 ) -> None:
@@ -426,5 +417,5 @@ def evaluate_generation(
         "metrics": values,
         "settings": settings,
         "data": {"samples": sample_set.describe(), "reference": reference.describe()},
-        "versions": _versions(),
+        "versions": library_versions(_VERSIONED),
     }

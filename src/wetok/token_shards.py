@@ -43,6 +43,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ._files import atomic_write, read_limited, regular_file_size
+from ._json import parse_json
 from .errors import InputError, ModelMismatchError, printable
 
 __all__ = [
@@ -138,15 +139,6 @@ def write_index(folder: str | Path, index: ShardIndex) -> Path:
     return atomic_write(Path(folder) / INDEX_NAME, lambda tmp: tmp.write_text(text + "\n"))
 
 
-def _parse_json(path: Path, raw: bytes, what: str) -> Any:
-    """JSON with the parser's own limits (nesting depth, digits of an integer) turned into an InputError."""
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
-        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0][:120]
-        raise InputError(path, f"{what} ({reason})") from None
-
-
 def _need(path: Path, data: dict, key: str, kind: type | tuple[type, ...]) -> Any:
     value = data.get(key)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
@@ -170,7 +162,7 @@ def read_index(path: str | Path) -> ShardIndex:
         raise InputError(path, "no token-shard index here (made by `wetok tokenize`; an interrupted run has none: "
                                "run it again to finish)")
     raw = read_limited(path, MAX_INDEX_BYTES, "token-shard index")
-    data = _parse_json(path, raw, "not a wetok token-shard index: invalid JSON")
+    data = parse_json(path, raw, "wetok token-shard index: invalid JSON")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise InputError(path, f"not a wetok token-shard index (no \"format\": \"{FORMAT}\")")
     if data.get("version") != VERSION:
@@ -280,7 +272,7 @@ def read_shard_header(path: str | Path) -> tuple[dict[str, str], dict[str, Tenso
             raw = f.read(n)
     except OSError as err:
         raise InputError(path, f"cannot read token shard ({err.strerror or err})") from None
-    header = _parse_json(path, raw, "not a token shard: its header is not JSON (corrupt or not safetensors)")
+    header = parse_json(path, raw, "token shard: its header is not JSON (corrupt or not safetensors)")
     if not isinstance(header, dict):
         raise InputError(path, "not a token shard: header is not a JSON object")
     metadata = header.pop("__metadata__", {})

@@ -3,30 +3,20 @@
 Every loader (native folder, official ``.ckpt``, ``wetok train`` checkpoint) reads the tensor names and shapes
 of its file first (a safetensors or memory-mapped header) and compares them with the shapes the configuration
 needs, computed here in closed form without building the model. So a model is only built when the file holds
-all its weights: memory is bounded by the file's size, and a small config.json asking for 10^7 layers or a
-10^6-wide model is refused at once. The limits below bound what no weight file can: the token grid (the RoPE
-table and the sampler's work grow with it) and the model a registered name may build without weights.
+all its weights: memory is bounded by the file's size. The configuration's own sizes (grid, widths, layers,
+parameters) are bounded by :class:`~wetok.generation.config.WeTokARConfig` itself, when it is made.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError
 from .config import WeTokARConfig
 
-#: Most positions (grid_height x grid_width) of a generator: a 256 x 256 token grid (the official models: 16 x 16).
-MAX_AR_POSITIONS = 1 << 16
-#: Most parameters of a generator (float32: 32 GiB; the largest official model has 1.48e9).
-MAX_AR_PARAMETERS = 8 * 10**9
-
-_INT_FIELDS = ("num_classes", "grid_height", "grid_width", "groups", "bits_per_group", "dim", "n_head",
-               "spatial_layers", "intra_layers", "ffn_hidden")
-_FLOAT_FIELDS = ("rope_base", "norm_eps", "init_std")
 #: Tensors of one transformer block (name suffix, shape as a function of dim and the FFN width).
 _BLOCK = (("attention_norm.weight", lambda d, h: (d,)), ("attention.wqkv.weight", lambda d, h: (3 * d, d)),
           ("attention.wo.weight", lambda d, h: (d, d)), ("ffn_norm.weight", lambda d, h: (d,)),
@@ -41,9 +31,7 @@ def num_state_tensors(config: WeTokARConfig) -> int:
 
 def parameter_count(config: WeTokARConfig) -> int:
     """The number of parameters of ``WeTokAR(config)``, in closed form (nothing is built)."""
-    d, h, v, g = config.dim, config.ffn_hidden or 0, config.vocab_size, config.groups
-    block = 2 * d + 4 * d * d + 3 * d * h
-    return (config.num_classes + 1) * d + 2 * g * v * d + (config.spatial_layers + config.intra_layers) * block + d
+    return config.num_parameters()
 
 
 def state_shapes(config: WeTokARConfig) -> dict[str, tuple[int, ...]]:
@@ -59,33 +47,9 @@ def state_shapes(config: WeTokARConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_config(config: WeTokARConfig, source: object) -> None:
-    """Refuse field types a model cannot be built from and sizes over the limits, naming ``source``."""
-    for key in _INT_FIELDS:
-        value = getattr(config, key)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise InputError(source, f"generator config field {key} must be an integer, got {value!r:.40}")
-    for key in _FLOAT_FIELDS:
-        value = getattr(config, key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            raise InputError(source, f"generator config field {key} must be a positive finite number, "
-                                     f"got {value!r:.40}")
-    if config.name is not None and not (isinstance(config.name, str) and len(config.name) <= 200
-                                        and config.name.isprintable()):
-        raise InputError(source, "generator config field name must be a printable string of at most 200 characters")
-    if config.num_positions > MAX_AR_POSITIONS:
-        raise InputError(source, f"a {config.grid_height} x {config.grid_width} token grid is over the limit of "
-                                 f"{MAX_AR_POSITIONS} positions")
-    count = parameter_count(config)
-    if count > MAX_AR_PARAMETERS:
-        raise InputError(source, f"the config describes {count:.3g} parameters, over the limit of "
-                                 f"{MAX_AR_PARAMETERS:.3g}")
-
-
 def check_state_shapes(config: WeTokARConfig, shapes: Mapping[str, Sequence[int]], source: object) -> None:
     """Refuse unless ``shapes`` (tensor name -> shape, read from a file's header) are exactly the tensors
     ``WeTokAR(config)`` needs: :class:`CheckpointError` naming ``source`` and the first difference."""
-    check_config(config, source)
     needed = num_state_tensors(config)
     if needed > len(shapes) + 64:  # do not even list the names of a model far larger than the file
         raise CheckpointError(f"{source}: the config needs {needed} tensors, the file holds {len(shapes)}")

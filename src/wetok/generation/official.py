@@ -27,7 +27,7 @@ from ..config import WeTokConfig
 from ..errors import CheckpointError, InputError
 from ..model import WeTok
 from ..token_shards import shown
-from .checks import check_config, check_state_shapes, check_state_values
+from .checks import check_state_shapes, check_state_values
 from .config import WeTokARConfig, get_ar_config, is_ar_preset
 from .model import WeTokAR
 
@@ -187,7 +187,6 @@ def load_official_ar(
     """
     ckpt = Path(ckpt)
     cfg, yaml_path = _resolve_config(config)
-    check_config(cfg, yaml_path or ckpt)
     try:
         state = tok_official._read_official_state(ckpt)
     except InputError as err:  # torch's unpickling errors run over several lines, with advice not to follow
