@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 #: Seconds the reachability probe of the Hub's host may take.
 PROBE_TIMEOUT = 3.0
@@ -113,7 +113,7 @@ def hub_file(
         try:
             return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
         except Exception as err:  # network, auth and missing-file errors all end here
-            raise InputError(what, f"download failed: {_first_line(err)}") from err
+            raise InputError(what, f"download failed: {first_line(err)}") from err
 
 
 def hub_snapshot(
@@ -139,7 +139,7 @@ def hub_snapshot(
             return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
                                           allow_patterns=filenames))
         except Exception as err:
-            raise InputError(repo_id, f"cannot fetch from the Hugging Face Hub: {_first_line(err)}") from err
+            raise InputError(repo_id, f"cannot fetch from the Hugging Face Hub: {first_line(err)}") from err
 
 
 def _check_online(what: str, cache_dir: str | Path | None, local_files_only: bool) -> None:
@@ -150,6 +150,3 @@ def _check_online(what: str, cache_dir: str | Path | None, local_files_only: boo
         raise InputError(what, _what_to_do("it", cache_dir))
 
 
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, first_line
 
 __all__ = ["check_state", "expected_shapes", "read_torch_file", "safetensors_shapes"]
 
@@ -73,12 +73,9 @@ def safetensors_shapes(path: str | Path) -> dict[str, Shape]:
         with safe_open(str(path), framework="pt") as file:
             return {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
     except Exception as err:  # safetensors raises its own error types for bad headers
-        raise InputError(path, f"cannot read weights: {_first_line(err)}") from err
+        raise InputError(path, f"cannot read weights: {first_line(err)}") from err
 
 
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:300] if lines else type(err).__name__
 
 
 def read_torch_file(path: str | Path, what: str, *, mmap: bool = True) -> Any:
@@ -98,14 +95,14 @@ def read_torch_file(path: str | Path, what: str, *, mmap: bool = True) -> Any:
         with zipfile.ZipFile(path) as archive:
             packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
     except (OSError, zipfile.BadZipFile, ValueError) as err:
-        raise InputError(path, f"cannot read {what}: {_first_line(err)}") from err
+        raise InputError(path, f"cannot read {what}: {first_line(err)}") from err
     if packed:
         raise InputError(path, f"cannot read {what}: compressed records ({_printable(packed[0])}) are not "
                                "written by torch.save and are refused")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # truncated or foreign files raise various pickle / zip / runtime errors
-        reason = _first_line(err)
+        reason = first_line(err)
         if reason.startswith("Weights only load failed") or "weights_only" in reason:
             reason = "it holds objects other than tensors and plain values (refused), or is corrupt"
         raise InputError(path, f"cannot read {what}: {reason}") from err

@@ -34,6 +34,13 @@ def printable(text: object) -> str:
     return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of ``err``'s message (at most ``limit`` characters), or its type's name when it has none:
+    third-party messages (torch, safetensors, huggingface_hub) often span many lines."""
+    lines = str(err).strip().splitlines()
+    return lines[0][:limit] if lines else type(err).__name__
+
+
 def describe_error(err: BaseException, what: object = None) -> str:
     """One line for an exception raised while working on ``what`` (a file name, or None): the message of a
     :class:`WetokError`; for file-system errors the file and the operating system's reason ("x.png: permission

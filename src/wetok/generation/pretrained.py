@@ -21,7 +21,7 @@ from ..checkpoints import (
     load_folder,
     read_config_json,
 )
-from ..errors import InputError
+from ..errors import InputError, first_line
 from ..token_shards import shown
 from .checks import check_state_shapes, check_state_values
 from .config import WeTokARConfig
@@ -58,7 +58,7 @@ def read_ar_config(path: str | Path) -> WeTokARConfig:
     try:
         config = WeTokARConfig.from_dict(data)
     except (TypeError, ValueError, ArithmeticError) as err:
-        raise InputError(path, f"invalid generator config: {_one_line(err)}") from err
+        raise InputError(path, f"invalid generator config: {first_line(err)}") from err
     return config
 
 
@@ -89,7 +89,7 @@ def load_pretrained_ar(
     try:
         state = load_file(str(weights))
     except Exception as err:  # safetensors raises its own error types
-        raise InputError(weights, f"cannot read weights: {_one_line(err)}") from err
+        raise InputError(weights, f"cannot read weights: {first_line(err)}") from err
     check_state_values(state, weights)
     model = WeTokAR(config)
     _load_exact(model, state, weights)  # type: ignore[arg-type]
@@ -109,12 +109,9 @@ def _header_shapes(weights: Path) -> dict[str, list[int]]:
         with safe_open(str(weights), framework="pt") as f:
             return {key: list(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
     except Exception as err:  # safetensors raises its own error types
-        raise InputError(weights, f"cannot read weights: {_one_line(err)}") from err
+        raise InputError(weights, f"cannot read weights: {first_line(err)}") from err
 
 
-def _one_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:300] if lines else type(err).__name__
 
 
 def _registered_or_download(name: str, revision: str | None, cache_dir: str | Path | None, local_only: bool,
@@ -218,7 +215,7 @@ def _check_training_checkpoint(ckpt: dict, source: Path) -> None:
     try:
         config = WeTokARConfig.from_dict(data)
     except (TypeError, ValueError, ArithmeticError) as err:
-        raise InputError(source, f"invalid generator config: {_one_line(err)}") from err
+        raise InputError(source, f"invalid generator config: {first_line(err)}") from err
     ema = ckpt.get("ema")
     state = ckpt.get("model") if ema is None else ema
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
