@@ -142,6 +142,23 @@ def test_crop_is_a_function_of_seed_and_position(tmp_path):
     assert torch.equal(a, to_model_range(resized[:, top : top + 32, left : left + 32]))
 
 
+def test_crop_from_a_larger_resize(tmp_path):
+    """data.resize_size: the short side goes to resize_size, then an image_size crop (reference: torchvision)."""
+    img = Image.fromarray((torch.rand(50, 70, 3) * 255).byte().numpy())
+    a = CropSpec(16, resize=40)(img, sample_rng(1, 2))
+    rng = sample_rng(1, 2)
+    resized = TF.pil_to_tensor(TF.resize(img, 40, antialias=True))
+    assert resized.shape[1:] == (40, 56)
+    top, left = rng.randint(0, 40 - 16), rng.randint(0, 56 - 16)
+    assert torch.equal(a, to_model_range(resized[:, top : top + 16, left : left + 16]))
+    assert torch.equal(CropSpec(16, resize=16)(img, sample_rng(1, 2)), crop_sample(img, 16, sample_rng(1, 2)))
+    with pytest.raises(ValueError, match="at least the crop size"):
+        CropSpec(32, resize=16)
+    with pytest.raises(InputError, match="resize_size .16. must be at least data.image_size .32."):
+        load_config(None, ["data.image_size=32", "data.resize_size=16"])
+    assert load_config(None, ["data.image_size=32", "data.resize_size=64"]).data.resize_size == 64
+
+
 def test_unreadable_files_are_replaced_and_counted(tmp_path):
     make_images(tmp_path, 3)
     (tmp_path / "bad.png").write_bytes(b"not an image")

@@ -120,8 +120,8 @@ class DataSection:
     shards (``/data/shard-{000000..000999}.tar``, a glob, or a folder of ``.tar`` files).
     ``batch_size`` is the global batch (all processes, all accumulation steps); ``micro_batch_size`` the batch
     of one forward pass on one device; the accumulation is batch_size / (micro_batch_size * processes).
-    Training crops: resize the short side to ``image_size``, then a ``random`` (ImageNet recipe) or ``center``
-    (web-data recipe) crop; images with a short side below ``min_side`` or an aspect ratio above ``max_aspect``
+    Training crops: resize the short side to ``resize_size`` (null: ``image_size``), then an ``image_size``
+    ``random`` (ImageNet recipe) or ``center`` (web-data recipe) crop; images with a short side below ``min_side`` or an aspect ratio above ``max_aspect``
     are skipped (the official web-data filter: 512 and 2).
     Generator task: ``train`` / ``val`` are token-shard folders (``wetok tokenize``); ``views`` keeps only the
     samples of those preprocessing views (e.g. ``[center]``; null: all); ``val_max_images`` caps the validation
@@ -130,6 +130,7 @@ class DataSection:
     train: str | None = None
     val: str | None = None
     image_size: int = 256
+    resize_size: int | None = None
     crop: str = "random"
     min_side: int = 0
     max_aspect: float | None = None
@@ -209,7 +210,8 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "optim.lr": (0, None, True), "optim.disc_lr": (0, None, True), "optim.weight_decay": (0, None, False),
     "optim.warmup_steps": (0, None, False), "optim.warmup_start": (0, 1, False), "optim.hold_steps": (0, None, False),
     "optim.min_lr_ratio": (0, 1, False), "optim.grad_clip": (0, None, True),
-    "data.image_size": (1, MAX_IMAGE_SIZE, False), "data.min_side": (0, None, False),
+    "data.image_size": (1, MAX_IMAGE_SIZE, False), "data.resize_size": (1, MAX_IMAGE_SIZE, False),
+    "data.min_side": (0, None, False),
     "data.max_aspect": (1, None, False), "data.batch_size": (1, 2**24, False),
     "data.micro_batch_size": (1, 2**16, False), "data.num_workers": (0, 1024, False),
     "data.val_image_size": (1, MAX_IMAGE_SIZE, False), "data.val_batch_size": (1, 2**16, False),
@@ -333,6 +335,8 @@ class TrainConfig:
                 size = getattr(d, key)
                 if size is not None and size % f:
                     bad(f"data.{key} ({size}) must be a multiple of the model's downsampling factor {f}")
+            if d.resize_size is not None and d.resize_size < d.image_size:
+                bad(f"data.resize_size ({d.resize_size}) must be at least data.image_size ({d.image_size}), the crop")
 
     def _check_types(self, source: object) -> None:
         """Every field of the recipe has its declared type (fields set in Python skip :func:`_merge`)."""

@@ -59,8 +59,10 @@ class CropSpec:
     aspect ratio exceeds ``max_aspect`` are rejected (:class:`FilteredOut`)."""
 
     def __init__(self, size: int, crop: str = "random", hflip: bool = False, min_side: int = 0,
-                 max_aspect: float | None = None) -> None:
-        self.size, self.crop, self.hflip = size, crop, hflip
+                 max_aspect: float | None = None, resize: int | None = None) -> None:
+        if resize is not None and resize < size:
+            raise ValueError(f"the resize side ({resize}) must be at least the crop size ({size})")
+        self.size, self.crop, self.hflip, self.resize = size, crop, hflip, resize
         self.min_side, self.max_aspect = min_side, max_aspect
 
     def __call__(self, image: Image.Image, rng: random.Random) -> Tensor:
@@ -69,7 +71,7 @@ class CropSpec:
             raise FilteredOut(f"short side {min(width, height)} < {self.min_side}")
         if self.max_aspect is not None and max(width, height) > self.max_aspect * min(width, height):
             raise FilteredOut(f"aspect ratio above {self.max_aspect}")
-        return crop_sample(image, self.size, rng, self.hflip, center=self.crop == "center")
+        return crop_sample(image, self.size, rng, self.hflip, center=self.crop == "center", resize=self.resize)
 
 
 class FilteredOut(Exception):
@@ -77,11 +79,13 @@ class FilteredOut(Exception):
 
 
 def crop_sample(image: Image.Image, size: int, rng: random.Random, hflip: bool = False, *,
-                center: bool = False) -> Tensor:
-    """Resize the short side to ``size`` (bilinear, antialias), crop ``size`` x ``size`` at an offset drawn from
-    ``rng`` (or centred), optionally flip; float (3, size, size) in [-1, 1] (the official transforms, spec §5.1)."""
-    image = short_side_resize_check(size)(image)  # a 1 x 40000 strip would become 256 x 10 million: InputError
-    image = TF.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+                center: bool = False, resize: int | None = None) -> Tensor:
+    """Resize the short side to ``resize`` (default ``size``; bilinear, antialias), crop ``size`` x ``size`` at an
+    offset drawn from ``rng`` (or centred), optionally flip; float (3, size, size) in [-1, 1] (with the default
+    ``resize``, the official transforms, spec §5.1)."""
+    side = size if resize is None else resize
+    image = short_side_resize_check(side)(image)  # a 1 x 40000 strip would become 256 x 10 million: InputError
+    image = TF.resize(image, side, interpolation=InterpolationMode.BILINEAR, antialias=True)
     width, height = image.size
     if center:  # torchvision CenterCrop's rounding
         top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))

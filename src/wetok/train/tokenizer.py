@@ -107,7 +107,7 @@ class TokenizerTask(Task):
 
     def train_loader(self) -> DataLoader:
         run, d, t = self.run, self.cfg.data, self.cfg.trainer
-        spec = CropSpec(d.image_size, d.crop, d.hflip, d.min_side, d.max_aspect)
+        spec = CropSpec(d.image_size, d.crop, d.hflip, d.min_side, d.max_aspect, d.resize_size)
         self.data_kind, items = self.train_files()
         common = dict(micro_batch=d.micro_batch_size, seed=t.seed, rank=run.rank, world=run.world,
                       num_workers=d.num_workers)
