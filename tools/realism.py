@@ -93,6 +93,12 @@ def lowpass(images_u8: np.ndarray, factor: int = 8) -> np.ndarray:
     return F.avg_pool2d(x, factor).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def save(folder: Path, paths: list[Path], images: np.ndarray) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for path, image in zip(paths, images, strict=True):
+        Image.fromarray(image).save(folder / f"{Path(path).stem}.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", help="folder of validation images")
@@ -102,7 +108,8 @@ def main() -> None:
     parser.add_argument("--subsets", type=int, default=100)
     parser.add_argument("--subset-size", type=int, default=1000)
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
-    parser.add_argument("--save-dir", help="also write each model's reconstructions here as PNG")
+    parser.add_argument("--save-dir", help="also write the originals (original/) and each model's "
+                        "reconstructions (one folder per model, named after it) here as PNG")
     parser.add_argument("--out", help="JSON report")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -114,16 +121,15 @@ def main() -> None:
     reference = patch_features(feature_net.encoder, originals)
     sharp_ref = laplacian_energy(originals)
     low_ref = lowpass(originals)
+    if args.save_dir:
+        save(Path(args.save_dir) / "original", paths, originals)
     report = {"images": len(paths), "features": args.features, "feature_dims": reference.shape[1],
               "patches": reference.shape[0], "seed": args.seed, "models": {}}
     for spec in args.model:
         model = load_model(spec, None).eval().requires_grad_(False)
         recon = reconstruct_all(model, originals, args.seed)
         if args.save_dir:
-            folder = Path(args.save_dir) / Path(spec).name
-            folder.mkdir(parents=True, exist_ok=True)
-            for path, image in zip(paths, recon, strict=True):
-                Image.fromarray(image).save(folder / f"{Path(path).stem}.png")
+            save(Path(args.save_dir) / Path(spec).name, paths, recon)
         feats = patch_features(feature_net.encoder, recon)
         kid_mean, kid_std = kid(reference, feats, args.subsets, args.subset_size, args.seed)
         row = {
