@@ -70,7 +70,7 @@ def side_by_side(folders: list[str], names: list[str], size: int = 256, gap: int
                                                                                       Image.Resampling.NEAREST)
                  for im in images]
         rows += [images, zooms]
-    labels = ["original", "stage 1 (default)", "stage 2 (default-gd)"]
+    labels = ["original", "stage 1 (default)", "stage 2 (not shipped)"]
     top = 22
     canvas = Image.new("RGB", (3 * size + 2 * gap, top + len(rows) * (size + gap)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)

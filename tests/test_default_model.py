@@ -24,5 +24,6 @@ def test_bundled_model_reconstructs_the_sample_images():
         with torch.inference_mode():
             rec = unpad(model.reconstruct(x, generator=torch.Generator().manual_seed(0)), pad)[0]
         scores.append(peak_signal_noise_ratio(original, np.asarray(tensor_to_pil(rec)), data_range=255))
-    # the untrained model scores ~10.5 dB (validation at step 0); the bundled one 18.6-24.7 dB (mean 21.7) here
-    assert len(scores) == 4 and min(scores) > 17.5 and np.mean(scores) > 20.5, scores
+    # the untrained model scores ~10.5 dB (validation at step 0); the bundled one 19.5-25.4 dB (mean 22.9) here
+    assert len(scores) == 4 and min(scores) > 18.5 and np.mean(scores) > 22.0, scores
+

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -103,9 +104,11 @@ def arm_row(name: str, out: Path) -> str:
     groups = usage["per_group"]
     used = sum(g["utilization"] for g in groups) / len(groups)
     perplexity = sum(g["perplexity"] for g in groups) / len(groups)
+    bits = sum(g["entropy_bits"] for g in groups)
+    d = len(groups) * round(math.log2(usage["codebook_size"]))
     curve = read_curve(out / name, "val/psnr")
     return (f"| {ARMS[name][0]} | {m['psnr']:.2f} | {m['ssim']:.3f} | {m['sharpness']:.3f} | "
-            f"{100 * used:.1f}% | {perplexity:.1f} of {usage['codebook_size']} | "
+            f"{100 * used:.1f}% | {perplexity:.1f} of {usage['codebook_size']} | {bits:.2f} of {d} | "
             f"{curve[-1][1] if curve else float('nan'):.2f} | {info.get('train_minutes', float('nan')):.1f} |")
 
 
@@ -118,8 +121,8 @@ def report(args: argparse.Namespace) -> None:
             continue
         lines += [f"#### {title}", "",
                   "| arm | PSNR (dB) | SSIM | sharpness | codebook usage (mean per group) | perplexity (mean per group)"
-                  " | val PSNR at the last step (128 px) | train minutes |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  " | token entropy bound (sum over groups, bits) | val PSNR at the last step (128 px) | train minutes |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         lines += [arm_row(n, out) for n in names] + [""]
     text = "\n".join(lines)
     print(text)
