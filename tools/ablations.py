@@ -4,7 +4,7 @@ and write the tables and the training-curve plot.
     python tools/ablations.py run --data ../shared/data/images -o runs/ablations      # trains + evaluates
     python tools/ablations.py report -o runs/ablations                                 # tables + docs/ablations.png
 
-Every arm is ``wetok train configs/train/ablation-tiny.yaml`` with only the keys the arm names changed (the
+Every arm is ``wetok train configs/train/cpu-ablation-tiny.yaml`` with only the keys the arm names changed (the
 quantizer's groups / bits / entropy form, or stage 2 for the generative decoder), followed by
 ``wetok eval --protocol crop256`` on the validation folder. The run folder keeps each arm's training run and its
 evaluation report; an arm whose report exists is skipped, so the command continues after an interruption.
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "configs" / "train" / "ablation-tiny.yaml"
+RECIPE = ROOT / "configs" / "train" / "cpu-ablation-tiny.yaml"
 WETOK = [sys.executable, "-c", "from wetok.cli.main import main; main()"]
 
 # name -> (what the arm is, recipe overrides). The d = 16, g = 4, grouped-entropy arm is shared by three studies.
