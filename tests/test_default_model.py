@@ -26,4 +26,3 @@ def test_bundled_model_reconstructs_the_sample_images():
         scores.append(peak_signal_noise_ratio(original, np.asarray(tensor_to_pil(rec)), data_range=255))
     # the untrained model scores ~10.5 dB (validation at step 0); the bundled one 19.5-25.4 dB (mean 22.9) here
     assert len(scores) == 4 and min(scores) > 18.5 and np.mean(scores) > 22.0, scores
-

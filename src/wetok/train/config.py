@@ -121,8 +121,8 @@ class DataSection:
     ``batch_size`` is the global batch (all processes, all accumulation steps); ``micro_batch_size`` the batch
     of one forward pass on one device; the accumulation is batch_size / (micro_batch_size * processes).
     Training crops: resize the short side to ``resize_size`` (null: ``image_size``), then an ``image_size``
-    ``random`` (ImageNet recipe) or ``center`` (web-data recipe) crop; images with a short side below ``min_side`` or an aspect ratio above ``max_aspect``
-    are skipped (the official web-data filter: 512 and 2).
+    ``random`` (ImageNet recipe) or ``center`` (web-data recipe) crop; images with a short side below
+    ``min_side`` or an aspect ratio above ``max_aspect`` are skipped (the official web-data filter: 512 and 2).
     Generator task: ``train`` / ``val`` are token-shard folders (``wetok tokenize``); ``views`` keeps only the
     samples of those preprocessing views (e.g. ``[center]``; null: all); ``val_max_images`` caps the validation
     samples; the image-crop keys do not apply."""
