@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -196,6 +197,26 @@ def test_generator_loss_terms_per_stage():
     total2, logs2 = loss2.generator_loss(x, out, d, step=0)  # stage 2 before gan_start: L1 + LPIPS only
     torch.testing.assert_close(total2, l1 + lp)
     assert "quantizer_loss" not in logs2 and "g_loss" not in logs2
+
+
+def test_lowpass_term_is_the_l1_of_block_means():
+    """loss.lowpass_weight adds weight * mean |block means of x - block means of x̂| (float64 loop reference)."""
+    cfg = load_config(None, [f"model.overrides={{{_TINY_ARCH}}}", "loss.perceptual_weight=0", "trainer.stage=2",
+                             "model.init=x", "loss.gan_start=5", "loss.lowpass_weight=3", "loss.lowpass_factor=4"])
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 16, 12, generator=g) * 2 - 1
+    rec = torch.rand(2, 3, 16, 12, generator=g) * 2 - 1
+    out = SimpleNamespace(reconstruction=rec, quantizer=None)
+    total, logs = TrainingLoss(cfg).generator_loss(x, out, None, step=0)
+    xd, rd = x.double(), rec.double()
+    diffs = [abs(xd[n, c, i:i + 4, j:j + 4].mean() - rd[n, c, i:i + 4, j:j + 4].mean())
+             for n in range(2) for c in range(3) for i in range(0, 16, 4) for j in range(0, 12, 4)]
+    lowpass = sum(diffs) / len(diffs)
+    assert abs(logs["lowpass_l1"].item() - lowpass) < 1e-6
+    assert abs(total.item() - ((xd - rd).abs().mean().item() + 3 * lowpass)) < 1e-5
+    for bad in ("loss.lowpass_weight=-1", "loss.lowpass_factor=0"):
+        with pytest.raises(InputError, match=bad.split("=")[0]):
+            load_config(None, [bad])
 
 
 _TINY_ARCH = "channels: 8, ch_mult: [1, 2], num_res_blocks: 1, z_channels: 8, groups: 2, bits_per_group: 4, norm_groups: 4"

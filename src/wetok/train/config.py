@@ -65,7 +65,9 @@ class ModelSection:
 class LossSection:
     """Loss weights (spec §4). ``gan_weight: null`` switches on VQGAN's adaptive weight scaled by
     ``adaptive_scale``; ``gan_start`` is the step at which GAN and discriminator terms start (official 0).
-    The quantizer's entropy / commitment weights are WeTokConfig fields (``model.overrides``)."""
+    The quantizer's entropy / commitment weights are WeTokConfig fields (``model.overrides``). ``lowpass_weight``
+    (not official, default 0): L1 between the ``lowpass_factor`` x ``lowpass_factor`` block averages of image
+    and reconstruction, a colour / layout anchor for stage 2."""
 
     l1_weight: float = 1.0
     perceptual_weight: float = 1.0
@@ -76,6 +78,8 @@ class LossSection:
     gan_start: int = 0
     lecam_weight: float = 0.05
     lecam_decay: float = 0.999
+    lowpass_weight: float = 0.0
+    lowpass_factor: int = 8
 
 
 @dataclass
@@ -206,6 +210,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "loss.l1_weight": (0, None, False), "loss.perceptual_weight": (0, None, False),
     "loss.gan_weight": (0, None, False), "loss.adaptive_scale": (0, None, False), "loss.gan_start": (0, None, False),
     "loss.lecam_weight": (0, None, False), "loss.lecam_decay": (0, 1, False),
+    "loss.lowpass_weight": (0, None, False), "loss.lowpass_factor": (1, 64, False),
     "discriminator.ndf": (1, 4096, False), "discriminator.n_layers": (0, 8, False),
     "optim.lr": (0, None, True), "optim.disc_lr": (0, None, True), "optim.weight_decay": (0, None, False),
     "optim.warmup_steps": (0, None, False), "optim.warmup_start": (0, 1, False), "optim.hold_steps": (0, None, False),

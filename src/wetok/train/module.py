@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..config import ARCHITECTURE_FIELDS, WeTokConfig
 from ..errors import InputError
@@ -35,7 +36,9 @@ __all__ = [
 class TrainingLoss(nn.Module):
     """The official WeTok objective (spec §4) for one stage.
 
-    Generator: ``l1_weight * mean|x - x̂| + perceptual_weight * mean LPIPS(x, x̂) + w_gan * g_loss``, plus, in
+    Generator: ``l1_weight * mean|x - x̂| + perceptual_weight * mean LPIPS(x, x̂) + w_gan * g_loss``, plus
+    ``lowpass_weight * mean|P(x) - P(x̂)|`` where P averages ``lowpass_factor`` x ``lowpass_factor`` blocks (not
+    official: a colour / layout anchor for the generative decoder, off by default), plus, in
     stage 1, the quantizer's own weighted entropy + commitment loss (``out.quantizer.loss``). ``w_gan`` is
     ``gan_weight`` (0.1), or the adaptive weight when ``gan_weight`` is None. GAN terms are off before
     ``gan_start``. Discriminator: hinge + ``lecam_weight`` * LeCam with the moving averages of :class:`LeCamEMA`.
@@ -70,6 +73,11 @@ class TrainingLoss(nn.Module):
         l1 = (images - rec).abs().mean()
         nll = self.cfg.l1_weight * l1
         logs: dict[str, Tensor] = {"l1": l1.detach()}
+        if self.cfg.lowpass_weight > 0:
+            k = self.cfg.lowpass_factor
+            lowpass = (F.avg_pool2d(images, k) - F.avg_pool2d(rec, k)).abs().mean()
+            nll = nll + self.cfg.lowpass_weight * lowpass
+            logs["lowpass_l1"] = lowpass.detach()
         if self.perceptual is not None:
             lp = self.perceptual(images, rec).float().mean()
             nll = nll + self.cfg.perceptual_weight * lp
