@@ -61,6 +61,20 @@ def test_deepen_keeps_the_function_and_adds_learnable_blocks(tmp_path):
     assert WeTok.from_pretrained(tmp_path / "out").config.num_res_blocks == 2
 
 
+def test_deepen_command_rejects_bad_input_without_writing(tmp_path, capsys):
+    cfg = WeTokConfig(channels=16, ch_mult=(1, 2), num_res_blocks=2, z_channels=8, groups=2, bits_per_group=4,
+                      norm_groups=8)
+    WeTok(cfg).save_pretrained(tmp_path / "src")
+    for argv, reason in (([str(tmp_path / "src"), str(tmp_path / "out"), "--num-res-blocks", "2"], "must exceed"),
+                         ([str(tmp_path / "missing"), str(tmp_path / "out"), "--num-res-blocks", "3"], "missing"),
+                         ([str(tmp_path / "src"), str(tmp_path / "src"), "--num-res-blocks", "3"], "not an empty")):
+        assert dp.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and reason in err[0]
+        assert not (tmp_path / "out").exists()
+    assert sorted(q.name for q in (tmp_path / "src").iterdir()) == ["config.json", "model.safetensors"]
+
+
 def _mmd_loop(x: np.ndarray, y: np.ndarray) -> float:
     d = x.shape[1]
     k = lambda u, v: (float(u @ v) / d + 1) ** 3  # noqa: E731

@@ -22,6 +22,7 @@ import torch
 
 from wetok import WeTok
 from wetok.cli.models import load_model
+from wetok.errors import WetokError, describe_error, printable
 
 
 def deepen(source: WeTok, num_res_blocks: int, seed: int = 0) -> WeTok:
@@ -45,14 +46,25 @@ def deepen(source: WeTok, num_res_blocks: int, seed: int = 0) -> WeTok:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 written; 2 bad input (one line on stderr, nothing written); 1 the check failed."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a model folder, a training checkpoint or a registered name")
     parser.add_argument("output", type=Path, help="the folder to write (config.json + model.safetensors)")
     parser.add_argument("--num-res-blocks", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    source = load_model(args.source)
-    model = deepen(source, args.num_res_blocks, args.seed)
+    if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
+        print(f"error: {args.output}: exists and is not an empty folder", file=sys.stderr)
+        return 2
+    try:
+        source = load_model(args.source)
+        model = deepen(source, args.num_res_blocks, args.seed)
+    except (WetokError, ValueError) as err:
+        print(f"error: {printable(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {describe_error(err)}", file=sys.stderr)
+        return 2
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         diff = (model(x).reconstruction - source(x).reconstruction).abs().max().item()
@@ -60,9 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the deepened model differs from the source by {diff:.2e}", file=sys.stderr)
         return 1
     model.save_pretrained(args.output)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.output}: {params / 1e6:.2f}M parameters (source "
-          f"{sum(p.numel() for p in source.parameters()) / 1e6:.2f}M), max |reconstruction difference| {diff:.1e}")
+    print(f"wrote {args.output}: {model.num_parameters()['total'] / 1e6:.2f}M parameters (source "
+          f"{source.num_parameters()['total'] / 1e6:.2f}M), max |reconstruction difference| {diff:.1e}")
     return 0
 
 
