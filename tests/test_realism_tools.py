@@ -35,18 +35,17 @@ def test_deepen_keeps_the_function_and_adds_learnable_blocks(tmp_path):
     source = _trained_like(cfg, 0)
     deep = dp.deepen(source, 3)
     assert deep.config.num_res_blocks == 3 and deep.config.name == "tiny-r3"
-    n_source = sum(p.numel() for p in source.parameters())
-    assert sum(p.numel() for p in deep.parameters()) > n_source
+    assert deep.num_parameters()["total"] > source.num_parameters()["total"]
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
         a, b = source(x), deep(x)
     torch.testing.assert_close(b.reconstruction, a.reconstruction, rtol=0, atol=1e-5)
     assert torch.equal(deep.encode(x).indices, source.encode(x).indices)
     # the source's weights sit where they were; the added blocks' other weights are not zero (they can learn)
-    deep_state = deep.state_dict()
-    for key, value in source.state_dict().items():
+    deep_state, source_state = deep.state_dict(), source.state_dict()
+    for key, value in source_state.items():
         assert torch.equal(deep_state[key], value), key
-    added = [k for k in deep_state if k not in source.state_dict()]
+    added = [k for k in deep_state if k not in source_state]
     assert added and any(k.endswith("conv1.weight") and deep_state[k].abs().sum() > 0 for k in added)
     assert all(deep_state[k].abs().sum() == 0 for k in added if k.endswith("conv2.weight"))
     # moving an added block changes the output: it is in the computation, not dead weight
