@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 
 import pytest
@@ -64,3 +65,33 @@ def test_per_process_batchnorm_breaks_the_equality(runs):
     one = load_ckpt(runs / "one_bn" / "checkpoints" / "step-00000003.pt")
     two = load_ckpt(runs / "two_bn" / "checkpoints" / "step-00000003.pt")
     assert max_abs_diff(one["discriminator"], two["discriminator"]) > 1e-4
+
+
+_GROUP_SCRIPT = """
+import sys, torch.distributed as dist
+from wetok.train import load_config, train
+own = sys.argv[1] == "own"
+if own:
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[2] + "/store", rank=0, world_size=1)
+cfg = load_config("tiny.yaml", ["data.train=train", "trainer.accelerator=cpu", "trainer.devices=1",
+                                "trainer.strategy=ddp"])
+train(cfg, sys.argv[2] + "/run")
+print("initialized after train:", dist.is_initialized())
+"""
+
+
+@pytest.mark.parametrize("owner", ["train", "own"])
+def test_train_destroys_only_the_process_group_it_created(tmp_path, owner):
+    """A gloo group left to interpreter teardown can abort a finished run (SIGABRT, "terminate called without an
+    active exception"): train() destroys the group Fabric created, and leaves a caller's own group alone."""
+    import subprocess
+    import sys
+
+    make_images(tmp_path / "train", 4)
+    write_recipe(tmp_path / "tiny.yaml")
+    (tmp_path / "out").mkdir()
+    proc = subprocess.run([sys.executable, "-c", _GROUP_SCRIPT, owner, str(tmp_path / "out")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"initialized after train: {owner == 'own'}" in proc.stdout

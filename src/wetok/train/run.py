@@ -394,21 +394,43 @@ def train(cfg: TrainConfig, output: str | Path, *, resume: bool = False) -> Path
     ``train_shards.txt`` or ``train_tokens.txt``), ``checkpoints/step-*.pt`` (full state) with a
     ``checkpoints/last`` pointer, ``images/step-*.png`` grids and ``logs/{tensorboard,csv}``. Data and init
     paths are checked before anything is created; a run folder this call created is removed again when the run
-    fails (:class:`wetok.errors.WetokError`) before its first checkpoint.
+    fails (:class:`wetok.errors.WetokError`) before its first checkpoint. A process group this call creates (Fabric
+    under torchrun) is destroyed before it returns; one the caller created is left to the caller.
     """
     output = Path(output)
     check_paths(cfg, output, resume)
     created = not output.exists()  # the folder appears with the run's first file (the data listing)
+    owns_group = not _distributed_ready()  # a process group this call creates (Fabric under torchrun) it destroys
+    finished = False
     try:
         run = _Run(cfg, output, resume)
         run.build()
-        return run.run()
+        last = run.run()
+        finished = True
+        return last
     except WetokError:
         _remove_if_empty_run(output, created)
         raise
     except FileNotFoundError as err:
         _remove_if_empty_run(output, created)
         raise InputError(err.filename or output, err.strerror or "not found") from err
+    finally:
+        if owns_group and _distributed_ready():
+            _close_process_group(wait=finished)
+
+
+def _distributed_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _close_process_group(*, wait: bool) -> None:
+    """Destroy the process group before the interpreter exits. Lightning registers this only for NCCL; a gloo
+    group left to interpreter teardown can abort a process ("terminate called without an active exception",
+    SIGABRT) after its run has finished. ``wait``: barrier first, so no process leaves while another still
+    communicates (skipped after a failure, when the others may be gone)."""
+    if wait:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def check_paths(cfg: TrainConfig, output: Path, resume: bool) -> None:
