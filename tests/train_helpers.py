@@ -45,13 +45,9 @@ def run_cli(args: list[str], *, cwd: Path, env: dict[str, str] | None = None, to
     """Run ``wetok`` in a subprocess with one intra-op thread (deterministic, kind to a shared machine)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}
     if torchrun:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
-               f"--master_port={port}", "-m", "wetok.cli.main", *args]
+        # --standalone: torchrun's own store on a port it holds (no probe-then-release port race between tests)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+               "-m", "wetok.cli.main", *args]
     else:
         cmd = [sys.executable, "-m", "wetok.cli.main", *args]
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300)
