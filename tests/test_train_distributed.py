@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -84,9 +86,6 @@ print("initialized after train:", dist.is_initialized())
 def test_train_destroys_only_the_process_group_it_created(tmp_path, owner):
     """A gloo group left to interpreter teardown can abort a finished run (SIGABRT, "terminate called without an
     active exception"): train() destroys the group Fabric created, and leaves a caller's own group alone."""
-    import subprocess
-    import sys
-
     make_images(tmp_path / "train", 4)
     write_recipe(tmp_path / "tiny.yaml")
     (tmp_path / "out").mkdir()

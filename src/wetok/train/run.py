@@ -30,6 +30,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from .._distributed import close_group, group_initialized
 from .._files import atomic_write
 from ..errors import InputError, WetokError
 from .checkpoints import CHECKPOINT_DIR, LAST_POINTER, latest_checkpoint, load_training_checkpoint
@@ -400,7 +401,7 @@ def train(cfg: TrainConfig, output: str | Path, *, resume: bool = False) -> Path
     output = Path(output)
     check_paths(cfg, output, resume)
     created = not output.exists()  # the folder appears with the run's first file (the data listing)
-    owns_group = not _distributed_ready()  # a process group this call creates (Fabric under torchrun) it destroys
+    owns_group = not group_initialized()  # a process group this call creates (Fabric under torchrun) it destroys
     finished = False
     try:
         run = _Run(cfg, output, resume)
@@ -415,22 +416,8 @@ def train(cfg: TrainConfig, output: str | Path, *, resume: bool = False) -> Path
         _remove_if_empty_run(output, created)
         raise InputError(err.filename or output, err.strerror or "not found") from err
     finally:
-        if owns_group and _distributed_ready():
-            _close_process_group(wait=finished)
-
-
-def _distributed_ready() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _close_process_group(*, wait: bool) -> None:
-    """Destroy the process group before the interpreter exits. Lightning registers this only for NCCL; a gloo
-    group left to interpreter teardown can abort a process ("terminate called without an active exception",
-    SIGABRT) after its run has finished. ``wait``: barrier first, so no process leaves while another still
-    communicates (skipped after a failure, when the others may be gone)."""
-    if wait:
-        torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+        if owns_group and group_initialized():
+            close_group(wait=finished)
 
 
 def check_paths(cfg: TrainConfig, output: Path, resume: bool) -> None:
